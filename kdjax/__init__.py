@@ -1,0 +1,1 @@
+"""kdjax: knowledge distillation of language models in JAX/Flax."""

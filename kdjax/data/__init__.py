@@ -1,0 +1,1 @@
+"""Data: TFDS sources, SentencePiece tokenizer and the grain packing pipeline."""
