@@ -1,0 +1,87 @@
+"""Orbax checkpoints of one training phase, and read-only loading of a teacher's params.
+
+A checkpoint holds four items, so each can be restored on its own:
+  params  the model params (all a teacher load needs)
+  train   step, optimizer state and RNG
+  data    the grain iterator state (JSON), so a resumed run sees the same batches
+  config  the run's config (JSON), for the record
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from kdjax.train import TrainState
+
+ITEMS = ("params", "train", "data", "config")
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings, so restore places arrays directly."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class PhaseCheckpoints:
+  """Keeps the last `max_to_keep` checkpoints of a phase under `directory`; saves are async."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=ITEMS,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, state: TrainState, data_state: Any, config: dict) -> None:
+    step = int(jax.device_get(state.step))
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        train=ocp.args.StandardSave(
+            {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config)), force=True)
+
+  def restore(self, step: int, state_like: TrainState, shardings: TrainState):
+    """Returns (state, data_state) for `step`, placed with `shardings`."""
+    target = abstract_like(state_like, shardings)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target.params),
+        train=ocp.args.StandardRestore(
+            {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}),
+        data=ocp.args.JsonRestore()))
+    train = out["train"]
+    state = TrainState(step=train["step"], params=out["params"],
+                       opt_state=train["opt_state"], rng=train["rng"])
+    return state, out["data"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def load_params(directory: str, params_like: Any, shardings: Any, step: int | None = None):
+  """Restores only the params of the latest (or given) checkpoint under `directory`.
+
+  The manager is read-only: loading a teacher never creates, cleans or deletes anything there.
+  """
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), item_names=ITEMS,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {directory}; train the teacher first or point "
+                            "config.teacher_checkpoint at a kdjax phase's checkpoints folder.")
+  logging.info("loading params of step %d from %s", step, directory)
+  out = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_like(params_like, shardings))))
+  manager.close()
+  return out["params"], step

@@ -1,0 +1,113 @@
+"""Checks a run's config before anything is built or compiled.
+
+Each problem raises `ConfigError` whose message is one line naming the field and the fix; main.py
+prints it without a traceback. Type errors and unknown keys in `--config.x=y` overrides are
+already refused by ml_collections' locked config at flag parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from kdjax import losses, sharding
+from kdjax.model import ACTIVATIONS, NORMS, REMAT_POLICIES, ModelConfig
+
+MODES = ("experiment", "teacher", "distill", "scratch", "eval")
+_TRAIN_KEYS = {"steps", "learning_rate", "warmup_steps", "end_lr_fraction", "weight_decay",
+               "grad_clip", "b1", "b2", "grad_accum_steps"}
+
+
+class ConfigError(ValueError):
+  """A bad config value; str(e) is the whole message for the user."""
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def check_model(cfg: Any, prefix: str) -> ModelConfig:
+  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(cfg.keys()) - names)
+  _require(not unknown, f"{prefix}.{unknown[0] if unknown else ''}",
+           f"unknown model field; valid fields are {sorted(names)}.")
+  m = ModelConfig.from_dict(cfg)
+  for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
+                "max_len"):
+    _require(getattr(m, field) > 0, f"{prefix}.{field}", "must be a positive integer.")
+  _require(m.head_dim > 0 or m.d_model % m.num_heads == 0, f"{prefix}.num_heads",
+           f"{m.num_heads} does not divide d_model={m.d_model}; pick a divisor or set head_dim.")
+  _require(m.num_heads % m.num_kv_heads == 0, f"{prefix}.num_kv_heads",
+           f"{m.num_kv_heads} does not divide num_heads={m.num_heads}; pick a divisor.")
+  _require(m.k % 2 == 0, f"{prefix}.head_dim", f"RoPE needs an even head dim, got {m.k}.")
+  _require(m.activation in ACTIVATIONS, f"{prefix}.activation",
+           f"unknown {m.activation!r}; use one of {ACTIVATIONS}.")
+  _require(m.norm in NORMS, f"{prefix}.norm", f"unknown {m.norm!r}; use one of {NORMS}.")
+  _require(m.remat_policy in REMAT_POLICIES, f"{prefix}.remat_policy",
+           f"unknown {m.remat_policy!r}; use one of {REMAT_POLICIES}.")
+  for field in ("dtype", "param_dtype"):
+    value = getattr(m, field)
+    try:
+      ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+      ok = False
+    _require(ok, f"{prefix}.{field}", f"{value!r} is not a float dtype; use float32 or bfloat16.")
+  _require(m.logit_softcap >= 0, f"{prefix}.logit_softcap", "must be >= 0 (0 disables it).")
+  return m
+
+
+def check_train(tc: Any, prefix: str, batch_size: int, dp: int) -> None:
+  unknown = sorted(set(tc.keys()) - _TRAIN_KEYS)
+  _require(not unknown, f"{prefix}.{unknown[0] if unknown else ''}",
+           f"unknown training field; valid fields are {sorted(_TRAIN_KEYS)}.")
+  _require(tc.steps > 0, f"{prefix}.steps", "must be positive.")
+  _require(tc.learning_rate > 0, f"{prefix}.learning_rate", "must be positive.")
+  _require(0 <= tc.warmup_steps <= tc.steps, f"{prefix}.warmup_steps",
+           f"must be in [0, steps={tc.steps}].")
+  accum = tc.grad_accum_steps
+  _require(accum >= 1 and (batch_size // dp) % accum == 0, f"{prefix}.grad_accum_steps",
+           f"{accum} must divide the per-device batch {batch_size // dp}.")
+
+
+def check_config(config: Any, num_devices: int) -> None:
+  """Raises ConfigError on the first problem found."""
+  _require(config.mode in MODES, "mode", f"unknown {config.mode!r}; use one of {MODES}.")
+  d = config.distill
+  _require(d.loss in losses.DIVERGENCES, "distill.loss",
+           f"unknown loss {d.loss!r}; use one of {sorted(losses.DIVERGENCES)}.")
+  _require(d.temperature > 0, "distill.temperature",
+           f"must be positive (got {d.temperature}); 1 is plain softmax, 2-4 softens targets.")
+  _require(0 <= d.alpha <= 1, "distill.alpha",
+           f"must be in [0, 1] (got {d.alpha}); it weights the soft loss against cross-entropy.")
+  _require(0 <= d.beta <= 1, "distill.beta", f"must be in [0, 1] (got {d.beta}).")
+  _require(0 <= d.skew < 1, "distill.skew", f"must be in [0, 1) (got {d.skew}).")
+
+  teacher = check_model(config.teacher, "teacher")
+  student = check_model(config.student, "student")
+  data = config.data
+  _require(teacher.vocab_size == student.vocab_size, "student.vocab_size",
+           f"{student.vocab_size} differs from teacher.vocab_size={teacher.vocab_size}; "
+           "teacher and student must share one tokenizer.")
+  _require(teacher.vocab_size == data.vocab_size, "data.vocab_size",
+           f"{data.vocab_size} differs from the models' vocab_size={teacher.vocab_size}; "
+           "set them equal (the tokenizer is trained with data.vocab_size).")
+  for name, m in (("teacher", teacher), ("student", student)):
+    _require(data.seq_len <= m.max_len, "data.seq_len",
+             f"{data.seq_len} is above {name}.max_len={m.max_len}; lower seq_len or raise max_len.")
+  _require(data.seq_len > 0 and data.batch_size > 0, "data.batch_size",
+           "batch_size and seq_len must be positive.")
+
+  try:
+    mesh = sharding.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  dp = mesh[0] * mesh[1]
+  for field in ("batch_size", "eval_batch_size"):
+    _require(data[field] % dp == 0, f"data.{field}",
+             f"{data[field]} is not divisible by the data-parallel size {dp} "
+             "(mesh.data x mesh.fsdp); use a multiple of it.")
+  check_train(config.teacher_train, "teacher_train", data.batch_size, dp)
+  check_train(config.student_train, "student_train", data.batch_size, dp)

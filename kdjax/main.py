@@ -1,0 +1,84 @@
+"""kdjax entry point: the only module that defines flags.
+
+  python -m kdjax.main --config=configs/shakespeare.py --workdir=runs/shakespeare
+  python -m kdjax.main --config=configs/shakespeare.py:smoke --workdir=runs/smoke \
+      --config.distill.temperature=2
+
+The config is a Python file (never a pickle) whose `get_config(arg)` returns a locked ConfigDict:
+an override of a field it lacks, or of the wrong type, is refused at flag parsing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/shakespeare.py:smoke.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, summary.json.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
+
+
+def _fail(message: str) -> None:
+  print(f"kdjax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with every config-override problem turned into one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e}; fix the flag (run with --helpshort to list flags).")
+  except (AttributeError, KeyError) as e:
+    # ml_collections: an override names a field the locked config does not have.
+    raw = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
+    detail = " ".join(raw.replace("\\", "").replace("'", "").split())
+    _fail(f"--config override: unknown config field: {detail} Only fields defined in the "
+          "config file can be set.")
+  except (TypeError, ValueError) as e:
+    _fail(f"--config override: {' '.join(str(e).split())}; give a value of the field's type.")
+  return []
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value.")
+  # Imported here so that `--help` and flag errors come before JAX starts.
+  import jax
+
+  from kdjax import config_check, experiment
+
+  config = _CONFIG.value
+  if config is None:
+    _fail("--config is required, e.g. --config=configs/shakespeare.py.")
+  if not _WORKDIR.value:
+    _fail("--workdir is required, e.g. --workdir=runs/shakespeare.")
+  # Orbax and TFDS log routine progress through absl at INFO/WARNING; users see kdjax's own output.
+  absl_logging.set_verbosity(absl_logging.INFO if _VERBOSE.value else absl_logging.ERROR)
+  if not _VERBOSE.value:
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+  try:
+    config_check.check_config(config, jax.device_count())
+  except config_check.ConfigError as e:
+    if _VERBOSE.value:
+      raise
+    _fail(str(e))
+  try:
+    experiment.run(config, os.path.abspath(_WORKDIR.value))
+  except (FileNotFoundError, ValueError) as e:
+    if _VERBOSE.value:
+      raise
+    _fail(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main, flags_parser=_parse_flags)

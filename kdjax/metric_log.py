@@ -1,0 +1,72 @@
+"""Per-phase metric logging: metrics.jsonl, TensorBoard event files and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Drops rows logged after `last_step`, so a resumed run never holds a step twice."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(rows)
+  os.replace(tmp, path)
+
+
+class MetricLog:
+  """Writes one JSON object per logged step (with `step` and `loss`) and TensorBoard scalars."""
+
+  def __init__(self, phase_dir: str, *, phase: str, start_step: int, total_steps: int,
+               tokens_per_step: int, show_progress: bool = True):
+    os.makedirs(phase_dir, exist_ok=True)
+    self.path = os.path.join(phase_dir, "metrics.jsonl")
+    truncate_jsonl(self.path, start_step)
+    self._file = open(self.path, "a")
+    self._tb = SummaryWriter(os.path.join(phase_dir, "tensorboard"), purge_step=start_step + 1)
+    self._tokens_per_step = tokens_per_step
+    self._last = (start_step, time.perf_counter())
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, desc=phase, unit="step",
+                          dynamic_ncols=True, disable=not show_progress, file=sys.stderr,
+                          mininterval=1.0)
+
+  def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+    """Logs host-side scalars for `step`; adds tokens/s since the previous write."""
+    row = {"step": int(step)}
+    row.update({k: float(v) for k, v in metrics.items()})
+    now = time.perf_counter()
+    last_step, last_time = self._last
+    if step > last_step:
+      row["tokens_per_sec"] = (step - last_step) * self._tokens_per_step / (now - last_time)
+    self._last = (step, now)
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    for k, v in row.items():
+      if k != "step" and math.isfinite(v):
+        self._tb.add_scalar(f"train/{k}", v, step)
+    self._bar.update(step - self._bar.n)
+    postfix = {"loss": f"{row['loss']:.3f}"}
+    if "tokens_per_sec" in row:
+      postfix["tok/s"] = f"{row['tokens_per_sec']:.0f}"
+    self._bar.set_postfix(postfix, refresh=False)
+    return row
+
+  def write_eval(self, step: int, metrics: dict[str, float]) -> None:
+    for k, v in metrics.items():
+      self._tb.add_scalar(f"eval/{k}", float(v), step)
+
+  def close(self) -> None:
+    self._bar.close()
+    self._file.close()
+    self._tb.close()

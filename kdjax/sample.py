@@ -1,0 +1,59 @@
+"""Batched sampling from a model, compiled once per (config, shapes).
+
+Prompts are left-padded with the pad id 0; padding gets segment id 0, so real tokens never
+attend to it, and positions count from each prompt's first real token. Each new token recomputes
+the whole prefix: simple and exact, and cheap at the lengths used for printed samples.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.model import ModelConfig, Transformer
+
+PAD_ID = 0
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = PAD_ID) -> jax.Array:
+  width = max(len(p) for p in prompts)
+  return jnp.asarray([[pad_id] * (width - len(p)) + list(p) for p in prompts], jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k"))
+def generate(cfg: ModelConfig, params, prompt_BxP: jax.Array, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None,
+             rng: jax.Array | None = None) -> jax.Array:
+  """Returns tokens_Bx(P+N): the prompts followed by N sampled tokens (greedy at temperature 0)."""
+  model = Transformer(cfg)
+  b, p = prompt_BxP.shape
+  total = p + max_new_tokens
+  tokens_BxT = jnp.concatenate(
+      [prompt_BxP, jnp.full((b, max_new_tokens), PAD_ID, jnp.int32)], axis=1)
+  is_real_BxT = jnp.concatenate(
+      [prompt_BxP != PAD_ID, jnp.ones((b, max_new_tokens), bool)], axis=1)
+  segment_ids_BxT = is_real_BxT.astype(jnp.int32)
+  positions_BxT = jnp.maximum(jnp.cumsum(is_real_BxT, axis=1) - 1, 0).astype(jnp.int32)
+  rng = jax.random.key(0) if rng is None else rng
+
+  def body(i, carry):
+    tokens_BxT, rng = carry
+    logits_BxTxV = model.apply({"params": params}, tokens_BxT, segment_ids_BxT, positions_BxT)
+    logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, i - 1, axis=1, keepdims=False)
+    rng, key = jax.random.split(rng)
+    if temperature == 0.0:
+      next_B = jnp.argmax(logits_BxV, axis=-1)
+    else:
+      logits_BxV = logits_BxV / temperature
+      if top_k:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+      next_B = jax.random.categorical(key, logits_BxV, axis=-1)
+    tokens_BxT = jax.lax.dynamic_update_index_in_dim(
+        tokens_BxT, next_B.astype(jnp.int32)[:, None], i, axis=1)
+    return tokens_BxT, rng
+
+  tokens_BxT, _ = jax.lax.fori_loop(p, total, body, (tokens_BxT, rng))
+  return tokens_BxT

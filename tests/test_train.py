@@ -1,0 +1,168 @@
+"""The distillation step: teacher is a constant, the step compiles once, accumulation is exact."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from kdjax import losses, sharding, train
+from kdjax.model import ModelConfig, Transformer
+
+T_CFG = ModelConfig(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64, max_len=16)
+S_CFG = dataclasses.replace(T_CFG, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                            mlp_dim=32)
+DISTILL = train.DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5)
+
+
+def _train_cfg(**kw):
+  d = dict(steps=50, learning_rate=1e-2, warmup_steps=0, end_lr_fraction=1.0, weight_decay=0.0,
+           grad_clip=1.0, b1=0.9, b2=0.95, grad_accum_steps=1)
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
+def _batch(seed=0, b=4, l=12):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, T_CFG.vocab_size, size=(b, l + 1))
+  segment_ids = np.ones((b, l), np.int32)
+  segment_ids[1, 7:] = 2  # a second packed document in row 1
+  segment_ids[2, 9:] = 0  # padding at the end of row 2
+  positions = np.where(segment_ids == 2, np.arange(l) - 7, np.arange(l)).astype(np.int32)
+  positions[segment_ids == 0] = 0
+  mask = (segment_ids != 0).astype(np.float32)
+  return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+          "segment_ids": segment_ids.astype(np.int32), "positions": positions, "mask": mask}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+
+
+@pytest.fixture(scope="module")
+def teacher_params(mesh):
+  return train.init_params(T_CFG, jax.random.key(7), mesh, sharding.DEFAULT_RULES)
+
+
+def _setup(mesh, tc, teacher=True, accum=1, distill=DISTILL):
+  tx, schedule = train.make_optimizer(tc), train.make_schedule(tc)
+  state, shardings = train.create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
+  step = train.make_train_step(S_CFG, tx, schedule, t_cfg=T_CFG if teacher else None,
+                               distill=distill if teacher else None, grad_accum_steps=accum)
+  return state, shardings, step
+
+
+def test_teacher_gradient_is_exactly_zero(teacher_params, mesh):
+  state, _, _ = _setup(mesh, _train_cfg())
+  step_loss = train.make_step_loss(S_CFG, T_CFG, DISTILL)
+  batch = _batch()
+  t_grads = jax.grad(lambda tp: step_loss(state.params, tp, batch)[0])(teacher_params)
+  leaves = jax.tree.leaves(t_grads)
+  assert leaves and all(np.all(np.asarray(g) == 0) for g in leaves)
+  # ...while the student does get a (nonzero) gradient through the same function.
+  s_grads = jax.grad(lambda p: step_loss(p, teacher_params, batch)[0])(state.params)
+  assert float(jax.tree.reduce(lambda a, g: a + jnp.sum(jnp.abs(g)), s_grads, 0.0)) > 0
+
+
+def test_teacher_params_unchanged_and_step_compiles_once(teacher_params, mesh):
+  state, shardings, step = _setup(mesh, _train_cfg())
+  t_shardings = train.param_shardings(T_CFG, mesh, sharding.DEFAULT_RULES)
+  step_fn = train.jit_train_step(step, shardings, t_shardings, mesh)
+  before = jax.tree.map(lambda x: np.array(x, copy=True), teacher_params)
+  for i in range(3):
+    state, metrics = step_fn(state, teacher_params, _batch(i))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+               teacher_params, before)  # still alive (not donated) and bit-identical
+  assert step_fn._cache_size() == 1
+  assert int(state.step) == 3
+  # The optimizer holds the student's params only (Adam: mu and nu, one of each per param).
+  n_student = len(jax.tree.leaves(state.params))
+  assert len([x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]) == 2 * n_student
+
+
+def test_loss_falls_on_a_fixed_batch(teacher_params, mesh):
+  state, shardings, step = _setup(mesh, _train_cfg())
+  step_fn = jax.jit(step)
+  batch = _batch()
+  first = None
+  for _ in range(40):
+    state, metrics = step_fn(state, teacher_params, batch)
+    first = float(metrics["loss"]) if first is None else first
+  assert float(metrics["loss"]) < 0.5 * first
+
+
+def test_metrics_match_the_losses_module(teacher_params, mesh):
+  state, _, step = _setup(mesh, _train_cfg())
+  batch = _batch(3)
+  _, metrics = step(state, teacher_params, batch)
+  s_logits = Transformer(S_CFG).apply({"params": state.params}, batch["inputs"],
+                                      batch["segment_ids"], batch["positions"])
+  t_logits = Transformer(T_CFG).apply({"params": teacher_params}, batch["inputs"],
+                                      batch["segment_ids"], batch["positions"])
+  soft = losses.forward_kl(s_logits, t_logits, batch["mask"], temperature=2.0)
+  ce = losses.cross_entropy(s_logits, batch["targets"], batch["mask"])
+  np.testing.assert_allclose(metrics["loss"], 0.5 * soft + 0.5 * ce, rtol=1e-5)
+  assert float(metrics["num_tokens"]) == batch["mask"].sum()
+
+
+@pytest.mark.parametrize("teacher", [True, False])
+def test_gradient_accumulation_equals_full_batch(teacher_params, mesh, teacher):
+  # Rows hold different numbers of real tokens, so a plain mean of micro-batch means would differ.
+  batch = _batch(5)
+  s1, _, step1 = _setup(mesh, _train_cfg(), teacher=teacher, accum=1)
+  s2, _, step2 = _setup(mesh, _train_cfg(), teacher=teacher, accum=2)
+  n1, m1 = jax.jit(step1)(s1, teacher_params, batch)
+  n2, m2 = jax.jit(step2)(s2, teacher_params, batch)
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               n1.params, n2.params)
+
+
+def test_jit_equals_eager(teacher_params, mesh):
+  state, _, step = _setup(mesh, _train_cfg())
+  batch = _batch(2)
+  a, ma = step(state, teacher_params, batch)
+  b, mb = jax.jit(step)(state, teacher_params, batch)
+  np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+               a.params, b.params)
+
+
+def test_alpha_zero_equals_plain_cross_entropy(teacher_params, mesh):
+  batch = _batch(4)
+  ce_only = dataclasses.replace(DISTILL, alpha=0.0)
+  s1, _, step1 = _setup(mesh, _train_cfg(), teacher=True, distill=ce_only)
+  s2, _, step2 = _setup(mesh, _train_cfg(), teacher=False)
+  n1, m1 = step1(s1, teacher_params, batch)
+  n2, m2 = step2(s2, None, batch)
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
+               n1.params, n2.params)
+
+
+def test_schedule_warmup_then_cosine():
+  sched = train.make_schedule(_train_cfg(steps=100, warmup_steps=10, learning_rate=1.0,
+                                         end_lr_fraction=0.1))
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(sched(5), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(sched(10), 1.0, rtol=1e-6)
+  # Cosine half-way between warmup end and the last step: (1 + 0.1) / 2.
+  np.testing.assert_allclose(sched(55), 0.55, rtol=1e-5)
+  np.testing.assert_allclose(sched(100), 0.1, rtol=1e-6)
+
+
+def test_weight_decay_spares_vectors(mesh):
+  tc = _train_cfg(learning_rate=1e-3, weight_decay=0.5)
+  tx = train.make_optimizer(tc)
+  state, _ = train.create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
+  zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+  updates, _ = tx.update(zero_grads, state.opt_state, state.params)
+  flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+  for path, u in flat:
+    decayed = bool(np.any(np.asarray(u) != 0))
+    assert decayed == (u.ndim > 1), jax.tree_util.keystr(path)
