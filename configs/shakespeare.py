@@ -58,12 +58,13 @@ def get_config(arg=None):
       eval_batches=24,
   ))
 
-  config.teacher = _model(vocab, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4,
-                          mlp_dim=768, max_len=512)
-  config.student = _model(vocab, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                          mlp_dim=384, max_len=512)
-  config.teacher_train = _train(steps=900, learning_rate=3e-3, warmup_steps=50)
-  config.student_train = _train(steps=300, learning_rate=3e-3, warmup_steps=30)
+  # 2.56M-param teacher, 0.60M-param student (4.3x smaller), both dominated by the vocab.
+  config.teacher = _model(vocab, d_model=192, num_layers=4, num_heads=6, num_kv_heads=6,
+                          mlp_dim=512, max_len=512)
+  config.student = _model(vocab, d_model=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                          mlp_dim=256, max_len=512)
+  config.teacher_train = _train(steps=600, learning_rate=3e-3, warmup_steps=50)
+  config.student_train = _train(steps=250, learning_rate=3e-3, warmup_steps=25)
   # An existing teacher phase's checkpoints folder to distill from; '' = <workdir>/teacher.
   config.teacher_checkpoint = ""
 

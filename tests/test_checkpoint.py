@@ -1,0 +1,93 @@
+"""Checkpoint round trip, read-only params loading, and metrics.jsonl truncation on resume."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from kdjax import checkpoint, metric_log, sharding, train
+from kdjax.model import ModelConfig
+
+CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                  mlp_dim=32, max_len=16)
+TC = ml_collections.ConfigDict(dict(steps=10, learning_rate=1e-2, warmup_steps=0,
+                                    end_lr_fraction=1.0, weight_decay=0.1, grad_clip=1.0,
+                                    b1=0.9, b2=0.95, grad_accum_steps=1))
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A state after two real updates, so optimizer moments and step are non-trivial."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  tx = train.make_optimizer(TC)
+  state, shardings = train.create_train_state(CFG, tx, 3, mesh, sharding.DEFAULT_RULES)
+  step = jax.jit(train.make_train_step(CFG, tx, train.make_schedule(TC)))
+  rng = np.random.default_rng(0)
+  for _ in range(2):
+    toks = rng.integers(4, 32, size=(2, 9)).astype(np.int32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+             "segment_ids": np.ones((2, 8), np.int32),
+             "positions": np.tile(np.arange(8, dtype=np.int32), (2, 1)),
+             "mask": np.ones((2, 8), np.float32)}
+    state, _ = step(state, None, batch)
+  return state, shardings, tx, mesh
+
+
+def _assert_trees_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) and jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_is_exact(trained, tmp_path):
+  state, shardings, tx, mesh = trained
+  data_state = {"parent_state": {"next_index": 7}, "slices": [[-1, -1]]}
+  ckpts = checkpoint.PhaseCheckpoints(str(tmp_path / "ckpt"))
+  ckpts.save(state, data_state, {"seed": 3})
+  ckpts.wait()
+  assert ckpts.latest_step() == 2
+  fresh, _ = train.create_train_state(CFG, tx, 99, mesh, sharding.DEFAULT_RULES)
+  restored, restored_data = ckpts.restore(2, fresh, shardings)
+  ckpts.close()
+  _assert_trees_equal(restored, state)
+  assert restored_data == data_state
+  assert restored.params["embed"]["embedding"].sharding == (
+      shardings.params["embed"]["embedding"])
+
+
+def test_load_params_is_read_only(trained, tmp_path):
+  state, shardings, _, _ = trained
+  directory = str(tmp_path / "teacher")
+  ckpts = checkpoint.PhaseCheckpoints(directory)
+  ckpts.save(state, {}, {})
+  ckpts.wait()
+  ckpts.close()
+  before = {p: os.stat(os.path.join(r, p)).st_mtime_ns
+            for r, _, files in os.walk(directory) for p in files}
+  params, step = checkpoint.load_params(directory, state.params, shardings.params)
+  assert step == 2
+  _assert_trees_equal(params, state.params)
+  after = {p: os.stat(os.path.join(r, p)).st_mtime_ns
+           for r, _, files in os.walk(directory) for p in files}
+  assert after == before
+
+
+def test_load_params_without_checkpoint_names_the_fix(trained, tmp_path):
+  state, shardings, _, _ = trained
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
+    checkpoint.load_params(str(tmp_path / "empty"), state.params, shardings.params)
+
+
+def test_truncate_jsonl_drops_rows_after_the_restored_step(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  with open(path, "w") as f:
+    for s in (10, 20, 30, 40):
+      f.write(json.dumps({"step": s, "loss": 1.0 / s}) + "\n")
+  metric_log.truncate_jsonl(path, 20)
+  with open(path) as f:
+    assert [json.loads(l)["step"] for l in f] == [10, 20]
