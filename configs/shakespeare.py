@@ -84,8 +84,10 @@ def get_config(arg=None):
   config.checkpoint_every = 100
   config.keep_checkpoints = 2
   config.num_samples = 3  # sampled lines per model in the final report
+  config.sample_prompts = ["ROMEO.\n", "To be, or not to be", "KING.\nMy lords,"]
   config.sample_tokens = 32
   config.sample_temperature = 0.8
+  config.sample_top_k = 40
   config.progress_bar = True
 
   if arg == "smoke":

@@ -6,6 +6,7 @@ batch's mean is re-weighted by its token count), whatever the batch boundaries.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -19,7 +20,9 @@ from kdjax.model import ModelConfig, Transformer
 METRICS = ("loss", "accuracy", "top1_agreement", "kl_to_teacher")
 
 
+@functools.lru_cache(maxsize=8)
 def make_eval_step(cfg: ModelConfig, t_cfg: ModelConfig):
+  """One compiled eval step per (model, teacher) config pair, reused across calls."""
   model, t_model = Transformer(cfg), Transformer(t_cfg)
 
   @jax.jit

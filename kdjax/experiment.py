@@ -23,7 +23,6 @@ from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig
 
 PHASES = ("teacher", "distilled", "scratch")
-SAMPLE_PROMPTS = ("ROMEO.\n", "To be, or not to be", "KING.\nMy lords,")
 
 
 @dataclasses.dataclass
@@ -96,10 +95,10 @@ def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) ->
 
 
 def samples(config: Any, cfg: ModelConfig, params: Any, tok) -> list[str]:
-  prompts = [tok.encode(p) for p in SAMPLE_PROMPTS[:config.num_samples]]
+  prompts = [tok.encode(p) for p in config.sample_prompts[:config.num_samples]]
   prompt_BxP = sample.left_pad([[tokenizer_lib.BOS_ID] + p for p in prompts])
   out_BxT = sample.generate(cfg, params, prompt_BxP, max_new_tokens=config.sample_tokens,
-                            temperature=config.sample_temperature, top_k=40,
+                            temperature=config.sample_temperature, top_k=config.sample_top_k,
                             rng=jax.random.key(config.seed))
   return [tok.decode(row.tolist()) for row in np.asarray(out_BxT)]
 
