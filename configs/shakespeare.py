@@ -51,6 +51,7 @@ def get_config(arg=None):
       train_split="train",
       eval_split="test",
       tokenizer_path="",  # '' = <data_dir>/tokenizers/<name>_bpe<vocab_size>.model
+      tokenizer_max_documents=200_000,  # train the tokenizer on at most this many documents
       vocab_size=vocab,
       seq_len=seq_len,
       batch_size=32,
@@ -58,7 +59,8 @@ def get_config(arg=None):
       eval_batches=24,
   ))
 
-  # 2.56M-param teacher, 0.60M-param student (4.3x smaller), both dominated by the vocab.
+  # 2.56M-param teacher, 0.60M-param student (4.3x smaller); the tied 4096-token embedding is
+  # 31% of the teacher and 66% of the student.
   config.teacher = _model(vocab, d_model=192, num_layers=4, num_heads=6, num_kv_heads=6,
                           mlp_dim=512, max_len=512)
   config.student = _model(vocab, d_model=96, num_layers=2, num_heads=4, num_kv_heads=2,

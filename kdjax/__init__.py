@@ -11,3 +11,15 @@ import os as _os
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 if _YNN_FLAG not in _os.environ.get("XLA_FLAGS", ""):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_YNN_FLAG}=dot").strip()
+  import sys as _sys
+
+  if "jax" in _sys.modules:
+    from jax._src import xla_bridge as _xb
+
+    if _xb.backends_are_initialized():
+      import warnings as _warnings
+
+      _warnings.warn(
+          "kdjax was imported after JAX started its backend, so its guard against jaxlib "
+          "0.10.2's CPU miscompile is not active: import kdjax before running any JAX "
+          f"computation, or set XLA_FLAGS={_YNN_FLAG}=dot yourself.", stacklevel=2)

@@ -39,8 +39,8 @@ class PhaseCheckpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, state: TrainState, data_state: Any, config: dict) -> None:
-    step = int(jax.device_get(state.step))
+  def save(self, step: int, state: TrainState, data_state: Any, config: dict) -> None:
+    """Saves `state` as `step` (the caller knows it: no device sync here)."""
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         train=ocp.args.StandardSave(
@@ -68,18 +68,35 @@ class PhaseCheckpoints:
     self._manager.close()
 
 
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), item_names=ITEMS,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+def saved_config(directory: str) -> dict | None:
+  """The config stored with the latest checkpoint under `directory`, or None if there is none."""
+  if not os.path.isdir(directory):
+    return None
+  manager = _read_only_manager(directory)
+  step = manager.latest_step()
+  config = None
+  if step is not None:
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  manager.close()
+  return config
+
+
 def load_params(directory: str, params_like: Any, shardings: Any, step: int | None = None):
   """Restores only the params of the latest (or given) checkpoint under `directory`.
 
   The manager is read-only: loading a teacher never creates, cleans or deletes anything there.
   """
-  manager = ocp.CheckpointManager(
-      os.path.abspath(directory), item_names=ITEMS,
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  manager = _read_only_manager(directory)
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {directory}; train the teacher first or point "
-                            "config.teacher_checkpoint at a kdjax phase's checkpoints folder.")
+    raise FileNotFoundError(f"no checkpoint under {directory}; run that phase first, or point "
+                            "config.teacher_checkpoint at a kdjax teacher's checkpoints folder.")
   logging.info("loading params of step %d from %s", step, directory)
   out = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_like(params_like, shardings))))

@@ -16,6 +16,18 @@ from kdjax import losses, sharding
 from kdjax.model import ACTIVATIONS, NORMS, REMAT_POLICIES, ModelConfig
 
 MODES = ("experiment", "teacher", "distill", "scratch", "eval")
+
+# The config groups whose values decide what a phase computes. A phase resumes only if these are
+# unchanged; everything else (logging, checkpoint cadence, eval and sampling settings, the mesh,
+# where the data lives) may change between runs.
+PHASE_FIELDS = {
+    "teacher": ("seed", "data", "teacher", "teacher_train"),
+    "distilled": ("seed", "data", "student", "student_train", "distill", "teacher",
+                  "teacher_train", "teacher_checkpoint"),
+    "scratch": ("seed", "data", "student", "student_train"),
+}
+_NON_MATH_DATA = {"data.data_dir", "data.archive", "data.eval_split", "data.eval_batch_size",
+                  "data.eval_batches"}
 _TRAIN_KEYS = {"steps", "learning_rate", "warmup_steps", "end_lr_fraction", "weight_decay",
                "grad_clip", "b1", "b2", "grad_accum_steps"}
 
@@ -65,11 +77,54 @@ def check_train(tc: Any, prefix: str, batch_size: int, dp: int) -> None:
            f"unknown training field; valid fields are {sorted(_TRAIN_KEYS)}.")
   _require(tc.steps > 0, f"{prefix}.steps", "must be positive.")
   _require(tc.learning_rate > 0, f"{prefix}.learning_rate", "must be positive.")
+  _require(tc.grad_clip > 0, f"{prefix}.grad_clip", "must be positive (global-norm clip).")
+  _require(tc.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0.")
+  _require(0 <= tc.end_lr_fraction <= 1, f"{prefix}.end_lr_fraction", "must be in [0, 1].")
+  for b in ("b1", "b2"):
+    _require(0 <= tc[b] < 1, f"{prefix}.{b}", f"Adam's {b} must be in [0, 1).")
   _require(0 <= tc.warmup_steps <= tc.steps, f"{prefix}.warmup_steps",
            f"must be in [0, steps={tc.steps}].")
   accum = tc.grad_accum_steps
   _require(accum >= 1 and (batch_size // dp) % accum == 0, f"{prefix}.grad_accum_steps",
            f"{accum} must divide the per-device batch {batch_size // dp}.")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in dict(d).items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict) or hasattr(v, "keys"):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None:
+  """Refuses to resume `phase` from `directory` if a field that alters its math changed."""
+  old, new = _flatten(saved), _flatten(current)
+  changed = []
+  for key in sorted(set(old) | set(new)):
+    if key.split(".")[0] in PHASE_FIELDS[phase] and key not in _NON_MATH_DATA:
+      if old.get(key) != new.get(key):
+        changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+  if changed:
+    raise ConfigError(
+        f"config: {directory} holds a '{phase}' run made with different settings "
+        f"({'; '.join(changed)}); use a new --workdir (config.teacher_checkpoint can reuse a "
+        "teacher) or restore those values.")
+
+
+def _check_run_settings(config: Any) -> None:
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    _require(config[field] >= 1, field, f"must be >= 1 (got {config[field]}).")
+  _require(config.data.eval_batches >= 1, "data.eval_batches",
+           f"must be >= 1 (got {config.data.eval_batches}).")
+  _require(0 <= config.num_samples <= len(config.sample_prompts), "num_samples",
+           f"must be in [0, len(sample_prompts)={len(config.sample_prompts)}].")
+  _require(config.sample_temperature >= 0, "sample_temperature", "must be >= 0 (0 is greedy).")
+  _require(0 <= config.sample_top_k <= config.student.vocab_size, "sample_top_k",
+           f"must be in [0, vocab_size] (0 disables top-k), got {config.sample_top_k}.")
 
 
 def check_config(config: Any, num_devices: int) -> None:
@@ -111,3 +166,4 @@ def check_config(config: Any, num_devices: int) -> None:
              "(mesh.data x mesh.fsdp); use a multiple of it.")
   check_train(config.teacher_train, "teacher_train", data.batch_size, dp)
   check_train(config.student_train, "student_train", data.batch_size, dp)
+  _check_run_settings(config)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
+import sys
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 
-from kdjax import checkpoint, evaluate, loop, sample, sharding, train
+from kdjax import checkpoint, config_check, evaluate, loop, sample, sharding, train
 from kdjax.data import pipeline, shakespeare
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig
@@ -48,7 +48,8 @@ def prepare_data(config: Any) -> Data:
   tok_path = d.tokenizer_path or os.path.join(
       root, "tokenizers", f"{d.name}_bpe{d.vocab_size}.model")
   os.makedirs(os.path.dirname(tok_path), exist_ok=True)
-  tok = tokenizer_lib.train_or_load(pipeline.texts(train_source), tok_path, d.vocab_size)
+  tok = tokenizer_lib.train_or_load(
+      pipeline.texts(train_source, d.tokenizer_max_documents or None), tok_path, d.vocab_size)
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   per_host = d.batch_size // jax.process_count()
 
@@ -67,13 +68,18 @@ def _phase_kwargs(config: Any) -> dict:
               config_dict=json.loads(config.to_json()))
 
 
+def load_params(cfg: ModelConfig, directory: str, mesh, rules):
+  """(params, shardings) of the latest checkpoint under `directory`, read-only."""
+  shardings = train.param_shardings(cfg, mesh, rules)
+  like = jax.eval_shape(lambda: train.init_params(cfg, jax.random.key(0), mesh, rules))
+  params, _ = checkpoint.load_params(directory, like, shardings)
+  return params, shardings
+
+
 def load_teacher(config: Any, workdir: str, mesh, rules) -> loop.Teacher:
   t_cfg = ModelConfig.from_dict(config.teacher)
-  t_shardings = train.param_shardings(t_cfg, mesh, rules)
-  params_like = jax.eval_shape(lambda: train.init_params(t_cfg, jax.random.key(0), mesh, rules))
   directory = config.teacher_checkpoint or os.path.join(workdir, "teacher", "checkpoints")
-  params, _ = checkpoint.load_params(directory, params_like, t_shardings)
-  return loop.Teacher(t_cfg, params, t_shardings)
+  return loop.Teacher(t_cfg, *load_params(t_cfg, directory, mesh, rules))
 
 
 def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) -> loop.PhaseResult:
@@ -111,10 +117,9 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
   return "\n".join(lines)
 
 
-def evaluate_phases(config: Any, workdir: str, data: Data, mesh, rules,
+def evaluate_phases(config: Any, workdir: str, data: Data, teacher: loop.Teacher,
                     params: dict[str, Any]) -> dict[str, dict[str, float]]:
-  """Held-out metrics of every phase against the teacher; writes summary.json atomically."""
-  teacher = load_teacher(config, workdir, mesh, rules)
+  """Held-out metrics of every model against the teacher; writes summary.json atomically."""
   s_cfg = ModelConfig.from_dict(config.student)
   summary, texts = {}, {}
   for phase, p in params.items():
@@ -137,31 +142,47 @@ def evaluate_phases(config: Any, workdir: str, data: Data, mesh, rules,
   return summary
 
 
+def phases_to_run(config: Any) -> tuple[str, ...]:
+  phases = {"experiment": PHASES, "eval": (), "teacher": ("teacher",),
+            "distill": ("distilled",), "scratch": ("scratch",)}[config.mode]
+  # A given teacher checkpoint replaces training one.
+  return tuple(p for p in phases if not (p == "teacher" and config.teacher_checkpoint))
+
+
+def check_resumable(config: Any, workdir: str, phases: tuple[str, ...]) -> None:
+  """Raises ConfigError if a phase would resume a run made with different math settings."""
+  current = json.loads(config.to_json())
+  for phase in phases:
+    directory = os.path.join(workdir, phase, "checkpoints")
+    saved = checkpoint.saved_config(directory)
+    if saved is not None:
+      config_check.check_resume(saved, current, phase, os.path.join(workdir, phase))
+
+
 def run(config: Any, workdir: str) -> dict[str, Any] | None:
   """Runs `config.mode` in `workdir`; returns the summary for 'experiment' and 'eval'."""
+  phases = phases_to_run(config)
+  check_resumable(config, workdir, phases)  # before any data or compile work
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   os.makedirs(workdir, exist_ok=True)
   data = prepare_data(config)
-  phases = {"experiment": PHASES, "eval": (), "teacher": ("teacher",),
-            "distill": ("distilled",), "scratch": ("scratch",)}[config.mode]
   params = {}
   for phase in phases:
     result = run_phase(config, workdir, phase, data, mesh, rules)
     if result.trained_steps == 0:
-      logging.info("%s: already complete at step %d, skipped", phase, result.final_step)
+      print(f"{phase}: already complete at step {result.final_step} in {workdir}, skipped",
+            file=sys.stderr)
     params[phase] = result.params
-  if config.mode in ("experiment", "eval"):
-    if not params:
-      params = {phase: _load_phase_params(config, workdir, phase, mesh, rules)
-                for phase in PHASES}
-    return evaluate_phases(config, workdir, data, mesh, rules, params)
-  return None
+  if config.mode not in ("experiment", "eval"):
+    return None
+  teacher = load_teacher(config, workdir, mesh, rules)
+  params = {"teacher": teacher.params,
+            **{p: params[p] if p in params else _load_phase_params(config, workdir, p, mesh, rules)
+               for p in PHASES[1:]}}
+  return evaluate_phases(config, workdir, data, teacher, params)
 
 
 def _load_phase_params(config, workdir, phase, mesh, rules):
   cfg = ModelConfig.from_dict(config.teacher if phase == "teacher" else config.student)
-  like = jax.eval_shape(lambda: train.init_params(cfg, jax.random.key(0), mesh, rules))
-  params, _ = checkpoint.load_params(os.path.join(workdir, phase, "checkpoints"), like,
-                                     train.param_shardings(cfg, mesh, rules))
-  return params
+  return load_params(cfg, os.path.join(workdir, phase, "checkpoints"), mesh, rules)[0]

@@ -7,8 +7,8 @@ are read after step N+1 has been dispatched, so the host never stalls the device
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
+import sys
 from typing import Any, Callable, Iterator
 
 import jax
@@ -55,7 +55,8 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
   if start:
     state, data_state = ckpts.restore(start, state, state_shardings)
     data_iter.set_state(data_state)
-    logging.info("%s: resumed from step %d", phase, start)
+    if start < int(train_cfg.steps):
+      print(f"{phase}: resuming from step {start}", file=sys.stderr)
   total = int(train_cfg.steps)
   if start >= total:
     ckpts.close()
@@ -82,7 +83,7 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
         pending = (step, metrics)
       if step % checkpoint_every == 0 or step == total:
         # The iterator state is taken after this step's batch, so a resume continues after it.
-        ckpts.save(state, data_iter.get_state(), config_dict)
+        ckpts.save(step, state, data_iter.get_state(), config_dict)
     if pending is not None:
       log.write(pending[0], jax.device_get(pending[1]))
   finally:

@@ -43,8 +43,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(f"--config override: unknown config field: {detail} Only fields defined in the "
           "config file can be set.")
   except (TypeError, ValueError) as e:
-    _fail(f"--config override: {' '.join(str(e).split())}; give a value of the field's type.")
-  return []
+    _fail(f"--config: {' '.join(str(e).split())}; check the config file, preset and overrides.")
+  return []  # unreachable: _fail exits
 
 
 def main(argv) -> None:
@@ -73,10 +73,12 @@ def main(argv) -> None:
     _fail(str(e))
   try:
     experiment.run(config, os.path.abspath(_WORKDIR.value))
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, RuntimeError, ValueError) as e:
+    # ConfigError (a ValueError) from resume checks, missing files, a failed corpus download.
     if _VERBOSE.value:
       raise
-    _fail(f"{type(e).__name__}: {e}")
+    _fail(" ".join(str(e).split()) if isinstance(e, config_check.ConfigError)
+          else f"{type(e).__name__}: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,14 @@ def truncate_jsonl(path: str, last_step: int) -> None:
   """Drops rows logged after `last_step`, so a resumed run never holds a step twice."""
   if not os.path.exists(path):
     return
+  rows = []
   with open(path) as f:
-    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= last_step:
+          rows.append(line)
+      except (ValueError, KeyError, TypeError):
+        pass  # a line torn by a kill mid-write: drop it, the step will be logged again
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.writelines(rows)
@@ -61,10 +67,6 @@ class MetricLog:
       postfix["tok/s"] = f"{row['tokens_per_sec']:.0f}"
     self._bar.set_postfix(postfix, refresh=False)
     return row
-
-  def write_eval(self, step: int, metrics: dict[str, float]) -> None:
-    for k, v in metrics.items():
-      self._tb.add_scalar(f"eval/{k}", float(v), step)
 
   def close(self) -> None:
     self._bar.close()

@@ -187,9 +187,13 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block; the signature fits `nn.scan` (carry, broadcast args) -> (carry, y)."""
+  """Pre-norm residual block; the signature fits `nn.scan` (carry, broadcast args) -> (carry, y).
+
+  y is the block's output when `return_hidden`, else None, so scan stacks no SxBxLxD unasked.
+  """
 
   cfg: ModelConfig
+  return_hidden: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2):
@@ -197,7 +201,7 @@ class Block(nn.Module):
         make_norm(self.cfg, "attn_norm")(x_BxLxD), mask_BxLxL, cos_BxLxK2, sin_BxLxK2)
     x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(x_BxLxD))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
-    return x_BxLxD, x_BxLxD
+    return x_BxLxD, (x_BxLxD if self.return_hidden else None)
 
 
 def _remat(block_cls, cfg: ModelConfig):
@@ -242,14 +246,15 @@ class Transformer(nn.Module):
       layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, return_hidden, name="layers")
       x_BxLxD, hidden_SxBxLxD = layers(x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2)
     else:
       hidden = []
       for i in range(cfg.num_layers):
-        x_BxLxD, _ = block(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2)
+        x_BxLxD, _ = block(cfg, return_hidden, name=f"layer_{i}")(
+            x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2)
         hidden.append(x_BxLxD)
-      hidden_SxBxLxD = jnp.stack(hidden)
+      hidden_SxBxLxD = jnp.stack(hidden) if return_hidden else None
 
     x_BxLxD = make_norm(cfg, "final_norm")(x_BxLxD)
     if cfg.tie_embeddings:

@@ -76,6 +76,3 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches split over data and fsdp, replicated over tensor."""
   return NamedSharding(mesh, P(("data", "fsdp")))
 
-
-def data_parallel_size(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]

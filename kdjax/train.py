@@ -33,7 +33,7 @@ class TrainState:
   step: jax.Array  # int32 scalar: optimizer updates applied so far
   params: Any
   opt_state: Any
-  rng: jax.Array  # uint32[2] raw key data; split per step by features that need randomness
+  rng: jax.Array  # uint32[2] raw key data, advanced every step and checkpointed for sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,29 +112,34 @@ def _forward(model: nn.Module, params, batch: Batch) -> jax.Array:
                      batch["positions"])
 
 
-def make_step_loss(s_cfg: ModelConfig, t_cfg: ModelConfig | None = None,
-                   distill: DistillSettings | None = None) -> Callable:
-  """`step_loss(params, teacher_params, batch) -> (loss, metrics)`, what the step differentiates.
+def make_teacher_forward(t_cfg: ModelConfig) -> Callable:
+  """`teacher_forward(teacher_params, batch) -> t_logits_BxLxV`, a constant for the student."""
+  t_model = Transformer(t_cfg)
 
-  The teacher forward is inside but under stop_gradient, so d loss / d teacher_params is exactly
-  zero; the step differentiates with respect to `params` (argnum 0) only.
+  def teacher_forward(teacher_params, batch: Batch):
+    return jax.lax.stop_gradient(_forward(t_model, teacher_params, batch))
+
+  return teacher_forward
+
+
+def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None) -> Callable:
+  """`student_loss(params, batch, t_logits_BxLxV or None) -> (loss, metrics)`.
+
+  This is all the step differentiates: the teacher's logits come in as a plain argument.
   """
   s_model = Transformer(s_cfg)
-  t_model = Transformer(t_cfg) if t_cfg is not None else None
 
-  def step_loss(params, teacher_params, batch: Batch):
+  def student_loss(params, batch: Batch, t_logits_BxLxV):
     s_logits_BxLxV = _forward(s_model, params, batch)
-    if t_model is None:
+    if t_logits_BxLxV is None:
       ce = losses.cross_entropy(s_logits_BxLxV, batch["targets"], batch["mask"])
       return ce, {"loss": ce, "hard_loss": ce, "num_tokens": jnp.sum(batch["mask"])}
-    # The teacher is a constant: its logits carry no gradient into its params.
-    t_logits_BxLxV = jax.lax.stop_gradient(_forward(t_model, teacher_params, batch))
     return losses.distillation_loss(
         s_logits_BxLxV, t_logits_BxLxV, batch["targets"], batch["mask"], loss=distill.loss,
         temperature=distill.temperature, alpha=distill.alpha, beta=distill.beta,
         skew=distill.skew)
 
-  return step_loss
+  return student_loss
 
 
 def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | None = None,
@@ -147,19 +152,24 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
   """
   if t_cfg is not None and distill is None:
     raise ValueError("make_train_step: a teacher needs DistillSettings.")
-  grad_fn = jax.value_and_grad(make_step_loss(s_cfg, t_cfg, distill), has_aux=True)
+  teacher_forward = make_teacher_forward(t_cfg) if t_cfg is not None else None
+  grad_fn = jax.value_and_grad(make_student_loss(s_cfg, distill), has_aux=True)
 
   def micro_step(params, teacher_params, batch: Batch):
-    (_, metrics), grads = grad_fn(params, teacher_params, batch)
+    # The teacher runs outside value_and_grad: only the student's loss is differentiated.
+    t_logits_BxLxV = teacher_forward(teacher_params, batch) if teacher_forward else None
+    (_, metrics), grads = grad_fn(params, batch, t_logits_BxLxV)
     return grads, metrics
 
   def train_step(state: TrainState, teacher_params, batch: Batch):
     if grad_accum_steps == 1:
       grads, metrics = micro_step(state.params, teacher_params, batch)
     else:
+      # Strided split (rows i, i + A, ...): with the batch sharded over devices, every device
+      # holds a slice of every micro-batch, so no device idles while others work.
       micro = jax.tree.map(
-          lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
-          batch)
+          lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
+                              *x.shape[1:]).swapaxes(0, 1), batch)
       total_tokens = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
       def body(acc, mb):

@@ -47,7 +47,7 @@ def test_round_trip_is_exact(trained, tmp_path):
   state, shardings, tx, mesh = trained
   data_state = {"parent_state": {"next_index": 7}, "slices": [[-1, -1]]}
   ckpts = checkpoint.PhaseCheckpoints(str(tmp_path / "ckpt"))
-  ckpts.save(state, data_state, {"seed": 3})
+  ckpts.save(2, state, data_state, {"seed": 3})
   ckpts.wait()
   assert ckpts.latest_step() == 2
   fresh, _ = train.create_train_state(CFG, tx, 99, mesh, sharding.DEFAULT_RULES)
@@ -63,17 +63,19 @@ def test_load_params_is_read_only(trained, tmp_path):
   state, shardings, _, _ = trained
   directory = str(tmp_path / "teacher")
   ckpts = checkpoint.PhaseCheckpoints(directory)
-  ckpts.save(state, {}, {})
+  ckpts.save(2, state, {}, {})
   ckpts.wait()
   ckpts.close()
-  before = {p: os.stat(os.path.join(r, p)).st_mtime_ns
+  def stamps():
+    return {os.path.relpath(os.path.join(r, p), directory): os.stat(os.path.join(r, p)).st_mtime_ns
             for r, _, files in os.walk(directory) for p in files}
+
+  before = stamps()
   params, step = checkpoint.load_params(directory, state.params, shardings.params)
   assert step == 2
   _assert_trees_equal(params, state.params)
-  after = {p: os.stat(os.path.join(r, p)).st_mtime_ns
-           for r, _, files in os.walk(directory) for p in files}
-  assert after == before
+  assert stamps() == before
+  assert checkpoint.saved_config(directory) == {}
 
 
 def test_load_params_without_checkpoint_names_the_fix(trained, tmp_path):

@@ -9,7 +9,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -108,9 +107,7 @@ def test_folio_spellings_metadata_and_gutenberg_boilerplate_are_left_out(data_di
 def test_second_build_is_a_no_op_without_archive_or_network(data_dir):
   files = sorted((pathlib.Path(data_dir) / 'shakespeare' / '1.0.0').iterdir())
   mtimes = [f.stat().st_mtime_ns for f in files]
-  start = time.perf_counter()
   builder = shakespeare.build_shakespeare(data_dir)  # archive=None; pip would fail (fixture)
-  assert time.perf_counter() - start < 1.0
   assert [f.stat().st_mtime_ns for f in files] == mtimes
   assert builder.info.splits['test'].num_examples == len(_records(data_dir, 'test'))
 

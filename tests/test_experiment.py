@@ -168,6 +168,9 @@ def _cli(workdir, *overrides):
     (["--config.teacher.num_heads=3"], "teacher.num_heads"),
     (["--config.student.num_kv_heads=3"], "student.num_kv_heads"),
     (["--config.mesh.data=3"], "config.mesh"),
+    (["--config.log_every=0"], "log_every"),
+    (["--config.sample_top_k=-3"], "sample_top_k"),
+    (["--config.student_train.b2=1.5"], "student_train.b2"),
 ])
 def test_bad_input_is_one_clear_line_and_leaves_workdir_alone(tmp_path, overrides, field):
   keep = tmp_path / "notes.txt"
@@ -193,3 +196,26 @@ def test_config_errors_name_the_field(field, value, message):
   with pytest.raises(config_check.ConfigError, match=message) as e:
     config_check.check_config(config, num_devices=4 if name == "batch_size" else 1)
   assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_with_changed_math_is_refused_and_touches_nothing(smoke_run):
+  workdir, _ = smoke_run
+  before = _tree_hash(workdir)
+  out = _cli(workdir, "--config.distill.alpha=0.9", "--config.student_train.steps=40")
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr
+  assert "distill.alpha: 0.5 -> 0.9" in lines[0] and "student_train.steps: 30 -> 40" in lines[0]
+  assert "--workdir" in lines[0]
+  assert _tree_hash(workdir) == before
+
+
+def test_resume_check_allows_logging_changes_and_scopes_fields_by_phase(smoke_config):
+  saved = json.loads(smoke_config.to_json())
+  current = json.loads(smoke_config.to_json())
+  current["log_every"], current["checkpoint_every"], current["progress_bar"] = 1, 7, True
+  current["data"]["eval_batches"] = 2
+  current["distill"]["temperature"] = 4.0  # matters to 'distilled' only
+  config_check.check_resume(saved, current, "teacher", "w/teacher")
+  config_check.check_resume(saved, current, "scratch", "w/scratch")
+  with pytest.raises(config_check.ConfigError, match="distill.temperature"):
+    config_check.check_resume(saved, current, "distilled", "w/distilled")

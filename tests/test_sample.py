@@ -45,3 +45,16 @@ def test_top_k_one_is_greedy_and_sampling_is_seeded(params):
   b = sample.generate(CFG, params, prompt, max_new_tokens=5, temperature=1.0,
                       rng=jax.random.key(1))
   np.testing.assert_array_equal(a, b)
+  # Other keys give other samples (vocab 32, 5 tokens, 4 keys: equal by chance ~never).
+  others = [sample.generate(CFG, params, prompt, max_new_tokens=5, temperature=1.0,
+                            rng=jax.random.key(k)) for k in (2, 3, 4, 5)]
+  assert any(not np.array_equal(a, o) for o in others)
+
+
+def test_top_k_restricts_samples_to_the_k_most_likely(params):
+  prompt = sample.left_pad([[5, 6, 7]])
+  logits = Transformer(CFG).apply({"params": params}, prompt)[0, -1]
+  top3 = set(np.argsort(np.asarray(logits))[-3:].tolist())
+  firsts = {int(sample.generate(CFG, params, prompt, max_new_tokens=1, temperature=2.0, top_k=3,
+                                rng=jax.random.key(k))[0, -1]) for k in range(30)}
+  assert firsts <= top3 and len(firsts) > 1

@@ -63,9 +63,10 @@ def load_source(
   return grain.MapDataset.source(source).map(functools.partial(_select_text, text_key=text_key))
 
 
-def texts(source: Sequence[Any]) -> Iterator[str]:
-  """The document texts of a source, in order (e.g. to train a tokenizer on the train split)."""
-  for i in range(len(source)):
+def texts(source: Sequence[Any], max_documents: int | None = None) -> Iterator[str]:
+  """The first `max_documents` texts of a source, in order (e.g. to train a tokenizer on the train
+  split: a large corpus such as lm1b need not be read whole for that)."""
+  for i in range(len(source) if max_documents is None else min(len(source), max_documents)):
     yield _document_text(source[i])
 
 

@@ -110,6 +110,7 @@ def _write_atomically(path: str, data: bytes) -> None:
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
+    os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; the cache is shared like any data file
     os.replace(tmp_path, path)  # a reader sees the old file or the whole new one, never half
   except BaseException:
     os.unlink(tmp_path)
