@@ -85,6 +85,8 @@ def get_config(arg=None):
   config.log_every = 10
   config.checkpoint_every = 100
   config.keep_checkpoints = 2
+  # Steps with a non-finite loss or gradient are skipped; this many in a row stop the run.
+  config.nonfinite_patience = 5
   config.num_samples = 3  # sampled lines per model in the final report
   config.sample_prompts = ["ROMEO.\n", "To be, or not to be", "KING.\nMy lords,"]
   config.sample_tokens = 32

@@ -27,6 +27,12 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _train_item(state: TrainState) -> dict:
+  """Everything in the state but the params: step, optimizer state, RNG, NaN-guard counters."""
+  return {f: getattr(state, f) for f in ("step", "opt_state", "rng", "skipped_steps",
+                                         "nonfinite_streak")}
+
+
 class PhaseCheckpoints:
   """Keeps the last `max_to_keep` checkpoints of a phase under `directory`; saves are async."""
 
@@ -43,8 +49,7 @@ class PhaseCheckpoints:
     """Saves `state` as `step` (the caller knows it: no device sync here)."""
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
-        train=ocp.args.StandardSave(
-            {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}),
+        train=ocp.args.StandardSave(_train_item(state)),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config)), force=True)
 
@@ -53,13 +58,9 @@ class PhaseCheckpoints:
     target = abstract_like(state_like, shardings)
     out = self._manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(target.params),
-        train=ocp.args.StandardRestore(
-            {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}),
+        train=ocp.args.StandardRestore(_train_item(target)),
         data=ocp.args.JsonRestore()))
-    train = out["train"]
-    state = TrainState(step=train["step"], params=out["params"],
-                       opt_state=train["opt_state"], rng=train["rng"])
-    return state, out["data"]
+    return TrainState(params=out["params"], **out["train"]), out["data"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

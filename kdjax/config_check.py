@@ -116,7 +116,7 @@ def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None
 
 
 def _check_run_settings(config: Any) -> None:
-  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints", "nonfinite_patience"):
     _require(config[field] >= 1, field, f"must be >= 1 (got {config[field]}).")
   _require(config.data.eval_batches >= 1, "data.eval_batches",
            f"must be >= 1 (got {config.data.eval_batches}).")

@@ -65,6 +65,7 @@ def prepare_data(config: Any) -> Data:
 def _phase_kwargs(config: Any) -> dict:
   return dict(log_every=config.log_every, checkpoint_every=config.checkpoint_every,
               keep_checkpoints=config.keep_checkpoints, show_progress=config.progress_bar,
+              nonfinite_patience=config.nonfinite_patience,
               config_dict=json.loads(config.to_json()))
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -38,13 +40,46 @@ def device_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
 
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Preempted(Exception):
+  """SIGTERM or SIGINT arrived; a checkpoint of the current step was written."""
+
+
+class _StopSignals:
+  """Turns SIGTERM/SIGINT into a flag the loop checks once per step (main thread only)."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: Any,
               seed: int, mesh, rules, make_train_iter: Callable[[], Iterator], tokens_per_step: int,
-              config_dict: dict, teacher: Teacher | None = None,
-              distill: train.DistillSettings | None = None, log_every: int = 10,
-              checkpoint_every: int = 100, keep_checkpoints: int = 2,
+              config_dict: dict, log_every: int, checkpoint_every: int, keep_checkpoints: int,
+              nonfinite_patience: int, teacher: Teacher | None = None,
+              distill: train.DistillSettings | None = None,
               show_progress: bool = True) -> PhaseResult:
-  """Trains `model_cfg` for `train_cfg.steps`, resuming from the phase's latest checkpoint."""
+  """Trains `model_cfg` for `train_cfg.steps`, resuming from the phase's latest checkpoint.
+
+  Raises Preempted after checkpointing if SIGTERM/SIGINT arrives, and NonFiniteError after
+  `nonfinite_patience` consecutive skipped (non-finite) steps, leaving the last checkpoint intact.
+  """
   tx = train.make_optimizer(train_cfg)
   schedule = train.make_schedule(train_cfg)
   state, state_shardings = train.create_train_state(model_cfg, tx, seed, mesh, rules)
@@ -71,21 +106,40 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
   batch_sharding = sharding.batch_sharding(mesh)
   log = MetricLog(phase_dir, phase=phase, start_step=start, total_steps=total,
                   tokens_per_step=tokens_per_step, show_progress=show_progress)
-  pending = None  # (step, device metrics) waiting to be read
+  last_saved = start
+  previous = None  # (step, device metrics) of the step before the one just dispatched
+
+  def settle(step_metrics):
+    """Host side of a finished step: log it if due, stop on too many non-finite steps."""
+    done_step, device_metrics = step_metrics
+    if done_step % log_every == 0 or done_step == total:
+      log.write(done_step, jax.device_get(device_metrics))
+    if int(jax.device_get(device_metrics["nonfinite_streak"])) >= nonfinite_patience:
+      raise NonFiniteError(
+          f"{phase}: {nonfinite_patience} consecutive steps up to step {done_step} had a "
+          f"non-finite loss or gradient; their updates were skipped and the last checkpoint "
+          f"(step {last_saved}) is intact. Lower the learning rate, check the data, or raise "
+          "config.nonfinite_patience.")
+
   try:
-    for step in range(start + 1, total + 1):
-      batch = device_batch(next(data_iter), batch_sharding)
-      state, metrics = step_fn(state, teacher_params, batch)
-      if pending is not None:
-        log.write(pending[0], jax.device_get(pending[1]))
-        pending = None
-      if step % log_every == 0 or step == total:
-        pending = (step, metrics)
-      if step % checkpoint_every == 0 or step == total:
-        # The iterator state is taken after this step's batch, so a resume continues after it.
-        ckpts.save(step, state, data_iter.get_state(), config_dict)
-    if pending is not None:
-      log.write(pending[0], jax.device_get(pending[1]))
+    with _StopSignals() as signals:
+      for step in range(start + 1, total + 1):
+        batch = device_batch(next(data_iter), batch_sharding)
+        state, metrics = step_fn(state, teacher_params, batch)
+        if previous is not None:
+          settle(previous)  # reads step N-1 while step N runs
+        previous = (step, metrics)  # not the state: its buffers are donated to the next step
+        if step % checkpoint_every == 0 or step == total or signals.received:
+          # The iterator state is taken after this step's batch, so a resume continues after it.
+          ckpts.save(step, state, data_iter.get_state(), config_dict)
+          last_saved = step
+        if signals.received:
+          settle(previous)
+          ckpts.wait()
+          raise Preempted(f"{phase}: received {signal.Signals(signals.received).name}; saved a "
+                          f"checkpoint at step {step} in {phase_dir}. Rerun the same command "
+                          "to resume.")
+      settle(previous)
   finally:
     ckpts.wait()
     ckpts.close()

@@ -53,7 +53,7 @@ def main(argv) -> None:
   # Imported here so that `--help` and flag errors come before JAX starts.
   import jax
 
-  from kdjax import config_check, experiment
+  from kdjax import config_check, experiment, loop
 
   config = _CONFIG.value
   if config is None:
@@ -73,6 +73,9 @@ def main(argv) -> None:
     _fail(str(e))
   try:
     experiment.run(config, os.path.abspath(_WORKDIR.value))
+  except loop.Preempted as e:
+    print(f"kdjax: {e}", file=sys.stderr)
+    sys.exit(143)  # 128 + SIGTERM, what schedulers expect from a preempted job
   except (OSError, RuntimeError, ValueError) as e:
     # ConfigError (a ValueError) from resume checks, missing files, a failed corpus download.
     if _VERBOSE.value:

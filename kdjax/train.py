@@ -34,6 +34,8 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # uint32[2] raw key data, advanced every step and checkpointed for sampling
+  skipped_steps: jax.Array  # int32: steps whose update was skipped for a non-finite loss/grad
+  nonfinite_streak: jax.Array  # int32: consecutive such steps up to now (0 after a good one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,9 @@ def _abstract_boxed_state(model_cfg: ModelConfig, tx, seed: int):
   def init(rng_data):
     params = model.init(jax.random.wrap_key_data(rng_data), _dummy_tokens(model_cfg))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+                      rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+                      skipped_steps=jnp.zeros((), jnp.int32),
+                      nonfinite_streak=jnp.zeros((), jnp.int32))
 
   return init
 
@@ -185,11 +189,21 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
       metrics["num_tokens"] = jnp.sum(batch["mask"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                   learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
+    grad_norm = optax.global_norm(grads)
+    # NaN/Inf guard: a non-finite loss or gradient keeps the old params and optimizer state (the
+    # batch counts as consumed), so one bad batch cannot poison the run or a checkpoint.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep_new((params, opt_state), (state.params, state.opt_state))
+    skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
+    metrics = dict(metrics, grad_norm=grad_norm,
+                   learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+                   skipped_steps=skipped.astype(jnp.float32),
+                   nonfinite_streak=streak.astype(jnp.float32))
     new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         rng=new_rng), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=new_rng,
+                         skipped_steps=skipped, nonfinite_streak=streak), metrics
 
   return train_step
 

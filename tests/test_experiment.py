@@ -9,8 +9,10 @@ import glob
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -219,3 +221,34 @@ def test_resume_check_allows_logging_changes_and_scopes_fields_by_phase(smoke_co
   config_check.check_resume(saved, current, "scratch", "w/scratch")
   with pytest.raises(config_check.ConfigError, match="distill.temperature"):
     config_check.check_resume(saved, current, "distilled", "w/distilled")
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes(smoke_config, tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "kdjax.main", "--config=configs/shakespeare.py:smoke",
+         f"--workdir={workdir}", f"--config.data.data_dir={smoke_config.data.data_dir}",
+         f"--config.data.archive={smoke_config.data.archive}", "--config.progress_bar=False",
+         "--config.checkpoint_every=25", "--config.mode=teacher"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "teacher" / "metrics.jsonl"
+  try:
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and any(json.loads(l)["step"] >= 30 for l in
+                                        metrics.read_text().splitlines() if l.strip())):
+      assert time.monotonic() < deadline and proc.poll() is None, "teacher never reached step 30"
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, err
+  last = err.strip().splitlines()[-1]
+  assert "received SIGTERM; saved a checkpoint at step" in last and "Traceback" not in err
+  step = int(last.split("at step ")[1].split()[0])
+  assert 30 <= step < 60 and (workdir / "teacher" / "checkpoints" / str(step)).is_dir()
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+  assert again.returncode == 0, again.stderr
+  assert f"teacher: resuming from step {step}" in again.stderr
+  rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(5, 61, 5))  # no step twice, none missing

@@ -1,0 +1,94 @@
+"""NaN/Inf guard: a non-finite step is skipped and counted; too many in a row stop the run."""
+
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from kdjax import checkpoint, loop, sharding, train
+from kdjax.model import ModelConfig
+
+S_CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                    mlp_dim=32, max_len=16)
+T_CFG = dataclasses.replace(S_CFG, d_model=32, num_layers=2)
+TC = ml_collections.ConfigDict(dict(steps=12, learning_rate=1e-2, warmup_steps=0,
+                                    end_lr_fraction=1.0, weight_decay=0.1, grad_clip=1.0,
+                                    b1=0.9, b2=0.95, grad_accum_steps=1))
+
+
+def _batch(seed, nan_mask=False):
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(4, 32, size=(4, 9)).astype(np.int32)
+  mask = np.ones((4, 8), np.float32)
+  if nan_mask:
+    mask[0, 0] = np.nan  # corrupt data: the loss becomes NaN
+  return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((4, 8), np.int32),
+          "positions": np.tile(np.arange(8, dtype=np.int32), (4, 1)), "mask": mask}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+
+
+def _equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_nan_teacher_logits_skip_the_update_and_are_counted(mesh):
+  tx = train.make_optimizer(TC)
+  state, _ = train.create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
+  good_t = train.init_params(T_CFG, jax.random.key(1), mesh, sharding.DEFAULT_RULES)
+  nan_t = jax.tree.map(lambda x: x * np.nan, good_t)
+  step = jax.jit(train.make_train_step(S_CFG, tx, train.make_schedule(TC), t_cfg=T_CFG,
+                                       distill=train.DistillSettings()))
+  after_nan, metrics = step(state, nan_t, _batch(0))
+  assert not np.isfinite(float(metrics["loss"]))
+  assert _equal(after_nan.params, state.params) and _equal(after_nan.opt_state, state.opt_state)
+  assert int(after_nan.skipped_steps) == 1 and int(after_nan.nonfinite_streak) == 1
+  assert int(after_nan.step) == 1  # the batch counts as consumed
+  after_good, metrics = step(after_nan, good_t, _batch(1))
+  assert np.isfinite(float(metrics["loss"]))
+  assert not _equal(after_good.params, state.params)
+  assert int(after_good.skipped_steps) == 1 and int(after_good.nonfinite_streak) == 0
+  assert float(metrics["skipped_steps"]) == 1.0
+
+
+class _Batches:
+  """A checkpointable iterator whose batches from `bad_from` on carry a NaN."""
+
+  def __init__(self, bad_from):
+    self.i, self.bad_from = 0, bad_from
+
+  def __next__(self):
+    self.i += 1
+    return _batch(self.i, nan_mask=self.i >= self.bad_from)
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, state):
+    self.i = state["i"]
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_with_the_last_checkpoint_intact(mesh, tmp_path):
+  kwargs = dict(phase="scratch", phase_dir=str(tmp_path), model_cfg=S_CFG, train_cfg=TC, seed=0,
+                mesh=mesh, rules=sharding.DEFAULT_RULES, tokens_per_step=32, config_dict={},
+                log_every=1, checkpoint_every=2, keep_checkpoints=3, nonfinite_patience=3,
+                show_progress=False)
+  with pytest.raises(loop.NonFiniteError, match="3 consecutive steps up to step 7"):
+    loop.run_phase(make_train_iter=lambda: _Batches(bad_from=5), **kwargs)
+  # Steps 5, 6, 7 were skipped; the checkpoint at step 6 holds the params of step 4.
+  ckpts = checkpoint.PhaseCheckpoints(str(tmp_path / "checkpoints"))
+  assert ckpts.latest_step() == 6
+  tx = train.make_optimizer(TC)
+  like, shardings = train.create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
+  at6, _ = ckpts.restore(6, like, shardings)
+  at4, _ = ckpts.restore(4, like, shardings)
+  ckpts.close()
+  assert _equal(at6.params, at4.params)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(at6.params))
+  assert int(at6.skipped_steps) == 2
