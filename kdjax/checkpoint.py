@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
 import jax
@@ -62,6 +65,33 @@ class PhaseCheckpoints:
         data=ocp.args.JsonRestore()))
     return TrainState(params=out["params"], **out["train"]), out["data"]
 
+  def restore_latest_valid(self, state_like: TrainState, shardings: TrainState):
+    """(step, state, data_state) of the newest checkpoint that restores, or None if none exist.
+
+    A checkpoint that fails to restore (truncated file, missing item, bad metadata) is moved,
+    whole, to `<phase>/corrupt_checkpoints/<step>` with a warning naming it; it is never deleted,
+    and moving it lets training write that step again.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(step, state_like, shardings)
+        return step, state, data_state
+      except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        kept = self._quarantine(step)
+        print(f"warning: checkpoint step {step} in {self.directory} does not restore "
+              f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); moved it to {kept} and "
+              "falling back to the previous one.", file=sys.stderr)
+    return None
+
+  def _quarantine(self, step: int) -> str:
+    target = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints", str(step))
+    if os.path.exists(target):
+      target += f".{int(time.time())}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
@@ -80,10 +110,14 @@ def saved_config(directory: str) -> dict | None:
   if not os.path.isdir(directory):
     return None
   manager = _read_only_manager(directory)
-  step = manager.latest_step()
   config = None
-  if step is not None:
-    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:  # a damaged newest checkpoint is handled (moved aside) by the training loop
+      config = manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))["config"]
+      break
+    except Exception:  # noqa: BLE001 - any unreadable step: try the previous one
+      continue
   manager.close()
   return config
 

@@ -86,9 +86,10 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
   ckpts = checkpoint.PhaseCheckpoints(os.path.join(phase_dir, "checkpoints"),
                                       max_to_keep=keep_checkpoints)
   data_iter = make_train_iter()
-  start = ckpts.latest_step() or 0
-  if start:
-    state, data_state = ckpts.restore(start, state, state_shardings)
+  restored = ckpts.restore_latest_valid(state, state_shardings)
+  start = 0
+  if restored is not None:
+    start, state, data_state = restored
     data_iter.set_state(data_state)
     if start < int(train_cfg.steps):
       print(f"{phase}: resuming from step {start}", file=sys.stderr)

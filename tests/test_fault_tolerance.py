@@ -1,6 +1,9 @@
 """NaN/Inf guard: a non-finite step is skipped and counted; too many in a row stop the run."""
 
 import dataclasses
+import glob
+import os
+import shutil
 
 import jax
 import ml_collections
@@ -92,3 +95,48 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_the_last_checkpoint_intac
   assert _equal(at6.params, at4.params)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(at6.params))
   assert int(at6.skipped_steps) == 2
+
+
+def _truncate_params(step_dir):
+  data = sorted(glob.glob(os.path.join(step_dir, "params", "d", "*")))[0]
+  with open(data, "r+b") as f:
+    f.truncate(os.path.getsize(data) // 2)
+
+
+def _drop_train_item(step_dir):
+  shutil.rmtree(os.path.join(step_dir, "train"))
+
+
+def _garble_metadata(step_dir):
+  with open(os.path.join(step_dir, "params", "_METADATA"), "w") as f:
+    f.write("{not json")
+
+
+@pytest.mark.parametrize("damage", [_truncate_params, _drop_train_item, _garble_metadata])
+def test_damaged_latest_checkpoint_falls_back_and_is_kept(mesh, tmp_path, damage, capfd):
+  kwargs = dict(phase="scratch", model_cfg=S_CFG, train_cfg=TC, seed=0, mesh=mesh,
+                rules=sharding.DEFAULT_RULES, tokens_per_step=32, config_dict={}, log_every=1,
+                checkpoint_every=4, keep_checkpoints=5, nonfinite_patience=3, show_progress=False,
+                make_train_iter=lambda: _Batches(bad_from=10**9))
+  whole = loop.run_phase(phase_dir=str(tmp_path / "whole"), **kwargs)
+  partial_dir = tmp_path / "partial"
+  with pytest.raises(KeyboardInterrupt):  # stop right after the checkpoint at step 8
+
+    class Stop(_Batches):
+      def __next__(self):
+        if self.i == 8:
+          raise KeyboardInterrupt
+        return super().__next__()
+
+    loop.run_phase(phase_dir=str(partial_dir), **dict(kwargs, make_train_iter=lambda: Stop(10**9)))
+  step8 = partial_dir / "checkpoints" / "8"
+  damage(str(step8))
+  files = sorted(os.path.relpath(p, step8) for p in glob.glob(f"{step8}/**", recursive=True))
+  capfd.readouterr()
+  resumed = loop.run_phase(phase_dir=str(partial_dir), **kwargs)
+  err = capfd.readouterr().err
+  assert "checkpoint step 8" in err and "corrupt_checkpoints" in err
+  assert resumed.trained_steps == TC.steps - 4  # fell back to step 4
+  assert _equal(resumed.params, whole.params)
+  kept = partial_dir / "corrupt_checkpoints" / "8"
+  assert sorted(os.path.relpath(p, kept) for p in glob.glob(f"{kept}/**", recursive=True)) == files
