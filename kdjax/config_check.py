@@ -89,12 +89,13 @@ def check_train(tc: Any, prefix: str, batch_size: int, dp: int) -> None:
            f"{accum} must divide the per-device batch {batch_size // dp}.")
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  """{'a.b': value} for a nested dict or ConfigDict."""
   out = {}
   for k, v in dict(d).items():
     key = f"{prefix}{k}"
     if isinstance(v, dict) or hasattr(v, "keys"):
-      out.update(_flatten(v, key + "."))
+      out.update(flatten(v, key + "."))
     else:
       out[key] = list(v) if isinstance(v, tuple) else v
   return out
@@ -102,7 +103,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None:
   """Refuses to resume `phase` from `directory` if a field that alters its math changed."""
-  old, new = _flatten(saved), _flatten(current)
+  old, new = flatten(saved), flatten(current)
   changed = []
   for key in sorted(set(old) | set(new)):
     if key.split(".")[0] in PHASE_FIELDS[phase] and key not in _NON_MATH_DATA:

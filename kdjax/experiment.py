@@ -43,13 +43,9 @@ def prepare_data(config: Any) -> Data:
   d, root = config.data, data_dir(config)
   if d.name == "shakespeare":
     shakespeare.build_shakespeare(root, archive=d.archive or None)
-  train_source = pipeline.load_source(d.name, d.train_split, root, text_key=d.text_key)
-  eval_source = pipeline.load_source(d.name, d.eval_split, root, text_key=d.text_key)
-  tok_path = d.tokenizer_path or os.path.join(
-      root, "tokenizers", f"{d.name}_bpe{d.vocab_size}.model")
-  os.makedirs(os.path.dirname(tok_path), exist_ok=True)
-  tok = tokenizer_lib.train_or_load(
-      pipeline.texts(train_source, d.tokenizer_max_documents or None), tok_path, d.vocab_size)
+  train_source = _split(d, "train_split", root)
+  eval_source = _split(d, "eval_split", root)
+  tok = _tokenizer(d, root, train_source)
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   per_host = d.batch_size // jax.process_count()
 
@@ -60,6 +56,63 @@ def prepare_data(config: Any) -> Data:
   evals = pipeline.eval_batches(eval_source, tok, seq_len=d.seq_len,
                                 batch_size=d.eval_batch_size, max_batches=d.eval_batches)
   return Data(tok, make_train_iter, evals, d.batch_size * d.seq_len)
+
+
+def _split(d: Any, field: str, root: str):
+  """The examples of split `d[field]`; an unknown or empty split names the field."""
+  try:
+    source = pipeline.load_source(d.name, d[field], root, text_key=d.text_key)
+  except (KeyError, ValueError) as e:  # TFDS: unknown split, or an empty slice such as 'x[:0]'
+    raise config_check.ConfigError(
+        f"config.data.{field}: cannot load split {d[field]!r} of {d.name!r} "
+        f"({' '.join(str(e).split())[:150]}); choose an existing, non-empty split.") from None
+  if len(source) == 0:
+    raise config_check.ConfigError(
+        f"config.data.{field}: split {d[field]!r} of {d.name!r} has no examples; choose a "
+        "non-empty split.")
+  return source
+
+
+def _tokenizer(d: Any, root: str, train_source) -> tokenizer_lib.Tokenizer:
+  """The given tokenizer file, or the cached one trained on the train split (trained if absent)."""
+  if d.tokenizer_path and not os.path.isfile(d.tokenizer_path):
+    raise config_check.ConfigError(
+        f"config.data.tokenizer_path: {d.tokenizer_path} does not exist; point it at a "
+        "SentencePiece .model file, or set it to '' to train one on the train split.")
+  path = d.tokenizer_path or os.path.join(root, "tokenizers", f"{d.name}_bpe{d.vocab_size}.model")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    return tokenizer_lib.train_or_load(
+        pipeline.texts(train_source, d.tokenizer_max_documents or None), path, d.vocab_size)
+  except RuntimeError as e:  # SentencePiece's parse error for a file that is not a model
+    raise config_check.ConfigError(
+        f"config.data.tokenizer_path: {path} is not a readable SentencePiece model "
+        f"({' '.join(str(e).split())[:120]}); replace it, or delete it to retrain.") from None
+
+
+def check_teacher_checkpoint(config: Any, workdir: str, phases: tuple[str, ...]) -> None:
+  """A teacher that distillation or evaluation will load must exist and fit config.teacher."""
+  if config.teacher_checkpoint:
+    directory = config.teacher_checkpoint
+  elif "teacher" not in phases and (set(phases) & {"distilled"} or config.mode == "eval"):
+    directory = os.path.join(workdir, "teacher", "checkpoints")
+  else:
+    return  # this run trains the teacher itself
+  field = "teacher_checkpoint" if config.teacher_checkpoint else "mode"
+  saved = checkpoint.saved_config(directory)
+  if saved is None:
+    raise config_check.ConfigError(
+        f"config.{field}: no readable teacher checkpoint under {directory}; train the teacher "
+        "first (mode=teacher or experiment) or point config.teacher_checkpoint at one.")
+  old = config_check.flatten(saved.get("teacher", {}))
+  new = config_check.flatten(json.loads(config.teacher.to_json()))
+  shape_fields = [f.name for f in dataclasses.fields(ModelConfig)
+                  if f.name not in ("dtype", "param_dtype", "remat_policy")]
+  changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in shape_fields if old.get(k) != new.get(k)]
+  if changed:
+    raise config_check.ConfigError(
+        f"config.teacher: does not fit the teacher checkpoint in {directory} "
+        f"({'; '.join(changed)}); set config.teacher to the checkpoint's model.")
 
 
 def _phase_kwargs(config: Any) -> dict:
@@ -164,6 +217,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | None:
   """Runs `config.mode` in `workdir`; returns the summary for 'experiment' and 'eval'."""
   phases = phases_to_run(config)
   check_resumable(config, workdir, phases)  # before any data or compile work
+  check_teacher_checkpoint(config, workdir, phases)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   os.makedirs(workdir, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -47,6 +48,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return []  # unreachable: _fail exits
 
 
+def _check_writable(workdir: str) -> None:
+  """Creates the workdir if needed and proves it takes a file, before any work starts."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".kdjax-write-check-"):
+      pass
+  except OSError as e:
+    _fail(f"--workdir: {workdir} is not a writable directory ({e.strerror or e}); choose another.")
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value.")
@@ -71,8 +82,10 @@ def main(argv) -> None:
     if _VERBOSE.value:
       raise
     _fail(str(e))
+  workdir = os.path.abspath(_WORKDIR.value)
   try:
-    experiment.run(config, os.path.abspath(_WORKDIR.value))
+    _check_writable(workdir)
+    experiment.run(config, workdir)
   except loop.Preempted as e:
     print(f"kdjax: {e}", file=sys.stderr)
     sys.exit(143)  # 128 + SIGTERM, what schedulers expect from a preempted job

@@ -252,3 +252,39 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes(smoke_config, tmp_path
   assert f"teacher: resuming from step {step}" in again.stderr
   rows = [json.loads(l) for l in metrics.read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(5, 61, 5))  # no step twice, none missing
+
+
+def _cli_with_data(config, workdir, *overrides):
+  return _cli(workdir, f"--config.data.data_dir={config.data.data_dir}",
+              f"--config.data.archive={config.data.archive}", *overrides)
+
+
+@pytest.mark.parametrize("case", ["tokenizer_missing", "tokenizer_corrupt", "empty_split",
+                                  "workdir_not_writable", "teacher_missing", "teacher_misfit"])
+def test_bad_files_and_paths_are_one_clear_line(smoke_run, smoke_config, tmp_path, case):
+  run_dir, _ = smoke_run
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("mine")
+  garbage = tmp_path / "garbage.model"
+  garbage.write_bytes(b"\x00not a sentencepiece model")
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  overrides, field, wd = {
+      "tokenizer_missing": (["--config.data.tokenizer_path=/nonexistent/spm.model"],
+                            "data.tokenizer_path", workdir),
+      "tokenizer_corrupt": ([f"--config.data.tokenizer_path={garbage}"], "data.tokenizer_path",
+                            workdir),
+      "empty_split": (["--config.data.eval_split=test[:0]"], "data.eval_split", workdir),
+      "workdir_not_writable": ([], "--workdir", blocker / "sub"),
+      "teacher_missing": ([f"--config.teacher_checkpoint={tmp_path}/nowhere",
+                           "--config.mode=distill"], "teacher_checkpoint", workdir),
+      "teacher_misfit": ([f"--config.teacher_checkpoint={run_dir}/teacher/checkpoints",
+                          "--config.mode=distill", "--config.teacher.d_model=128"],
+                         "config.teacher", workdir),
+  }[case]
+  out = _cli_with_data(smoke_config, str(wd), *overrides)
+  lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+  assert out.returncode == 2, out.stderr
+  assert lines and field in lines[-1] and "Traceback" not in out.stderr, out.stderr
+  assert sorted(os.listdir(workdir)) == ["notes.txt"] and garbage.read_bytes().startswith(b"\x00")
