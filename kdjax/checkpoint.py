@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from kdjax.train import TrainState
 
@@ -37,20 +38,28 @@ def _train_item(state: TrainState) -> dict:
 
 
 class PhaseCheckpoints:
-  """Keeps the last `max_to_keep` checkpoints of a phase under `directory`; saves are async."""
+  """A phase's checkpoints under `directory`: the last `max_to_keep`, plus the one with the
+  lowest held-out loss among those saved with a `val_loss` metric. Saves are async."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
+    keep = pp.AnyPreservationPolicy([
+        pp.LatestN(n=max_to_keep),
+        # BestN keeps the tail of the sorted list: sort losses descending to keep the lowest.
+        pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                 keep_checkpoints_without_metrics=False)])
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=ITEMS,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        options=ocp.CheckpointManagerOptions(preservation_policy=keep, create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: TrainState, data_state: Any, config: dict) -> None:
+  def save(self, step: int, state: TrainState, data_state: Any, config: dict,
+           val_loss: float | None = None) -> None:
     """Saves `state` as `step` (the caller knows it: no device sync here)."""
-    self._manager.save(step, args=ocp.args.Composite(
+    metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+    self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         train=ocp.args.StandardSave(_train_item(state)),
         data=ocp.args.JsonSave(data_state),

@@ -27,7 +27,7 @@ PHASE_FIELDS = {
     "scratch": ("seed", "data", "student", "student_train"),
 }
 _NON_MATH_DATA = {"data.data_dir", "data.archive", "data.eval_split", "data.eval_batch_size",
-                  "data.eval_batches"}
+                  "data.eval_batches", "data.val_split", "data.val_batches"}
 _TRAIN_KEYS = {"steps", "learning_rate", "warmup_steps", "end_lr_fraction", "weight_decay",
                "grad_clip", "b1", "b2", "grad_accum_steps"}
 
@@ -119,8 +119,8 @@ def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None
 def _check_run_settings(config: Any) -> None:
   for field in ("log_every", "checkpoint_every", "keep_checkpoints", "nonfinite_patience"):
     _require(config[field] >= 1, field, f"must be >= 1 (got {config[field]}).")
-  _require(config.data.eval_batches >= 1, "data.eval_batches",
-           f"must be >= 1 (got {config.data.eval_batches}).")
+  for field in ("eval_batches", "val_batches"):
+    _require(config.data[field] >= 1, f"data.{field}", f"must be >= 1 (got {config.data[field]}).")
   _require(0 <= config.num_samples <= len(config.sample_prompts), "num_samples",
            f"must be in [0, len(sample_prompts)={len(config.sample_prompts)}].")
   _require(config.sample_temperature >= 0, "sample_temperature", "must be >= 0 (0 is greedy).")

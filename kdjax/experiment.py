@@ -30,6 +30,7 @@ class Data:
   tokenizer: tokenizer_lib.Tokenizer
   make_train_iter: Callable[[int], Iterator]  # seed -> endless batches with get/set_state
   eval_batches: list[dict[str, np.ndarray]]
+  val_batches: list[dict[str, np.ndarray]]  # held-out batches that choose the best checkpoint
   tokens_per_step: int
 
 
@@ -55,7 +56,9 @@ def prepare_data(config: Any) -> Data:
 
   evals = pipeline.eval_batches(eval_source, tok, seq_len=d.seq_len,
                                 batch_size=d.eval_batch_size, max_batches=d.eval_batches)
-  return Data(tok, make_train_iter, evals, d.batch_size * d.seq_len)
+  vals = pipeline.eval_batches(_split(d, "val_split", root), tok, seq_len=d.seq_len,
+                               batch_size=d.eval_batch_size, max_batches=d.val_batches)
+  return Data(tok, make_train_iter, evals, vals, d.batch_size * d.seq_len)
 
 
 def _split(d: Any, field: str, root: str):
@@ -141,12 +144,16 @@ def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) ->
   common = dict(phase=phase, phase_dir=os.path.join(workdir, phase), mesh=mesh, rules=rules,
                 tokens_per_step=data.tokens_per_step, **_phase_kwargs(config))
   if phase == "teacher":
-    return loop.run_phase(model_cfg=ModelConfig.from_dict(config.teacher),
+    t_cfg = ModelConfig.from_dict(config.teacher)
+    return loop.run_phase(model_cfg=t_cfg,
+                          val_loss_fn=lambda p: evaluate.held_out_loss(t_cfg, p, data.val_batches),
                           train_cfg=config.teacher_train, seed=config.seed,
                           make_train_iter=lambda: data.make_train_iter(config.seed), **common)
   # Both students: the same init seed and the same batches.
-  student = dict(model_cfg=ModelConfig.from_dict(config.student), train_cfg=config.student_train,
-                 seed=config.seed + 1, make_train_iter=lambda: data.make_train_iter(config.seed + 1))
+  s_cfg = ModelConfig.from_dict(config.student)
+  student = dict(model_cfg=s_cfg, train_cfg=config.student_train, seed=config.seed + 1,
+                 make_train_iter=lambda: data.make_train_iter(config.seed + 1),
+                 val_loss_fn=lambda p: evaluate.held_out_loss(s_cfg, p, data.val_batches))
   if phase == "distilled":
     return loop.run_phase(teacher=load_teacher(config, workdir, mesh, rules),
                           distill=train.DistillSettings.from_config(config.distill),

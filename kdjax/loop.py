@@ -74,11 +74,14 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
               config_dict: dict, log_every: int, checkpoint_every: int, keep_checkpoints: int,
               nonfinite_patience: int, teacher: Teacher | None = None,
               distill: train.DistillSettings | None = None,
+              val_loss_fn: Callable[[Any], float] | None = None,
               show_progress: bool = True) -> PhaseResult:
   """Trains `model_cfg` for `train_cfg.steps`, resuming from the phase's latest checkpoint.
 
   Raises Preempted after checkpointing if SIGTERM/SIGINT arrives, and NonFiniteError after
   `nonfinite_patience` consecutive skipped (non-finite) steps, leaving the last checkpoint intact.
+  `val_loss_fn(params)`, if given, is evaluated at each checkpoint: it decides which checkpoint is
+  kept as the best and is logged as `val_loss` in that step's metrics row.
   """
   tx = train.make_optimizer(train_cfg)
   schedule = train.make_schedule(train_cfg)
@@ -108,13 +111,17 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
   log = MetricLog(phase_dir, phase=phase, start_step=start, total_steps=total,
                   tokens_per_step=tokens_per_step, show_progress=show_progress)
   last_saved = start
+  val_losses = {}  # step -> held-out loss, merged into that step's metrics row
   previous = None  # (step, device metrics) of the step before the one just dispatched
 
   def settle(step_metrics):
     """Host side of a finished step: log it if due, stop on too many non-finite steps."""
     done_step, device_metrics = step_metrics
-    if done_step % log_every == 0 or done_step == total:
-      log.write(done_step, jax.device_get(device_metrics))
+    if done_step % log_every == 0 or done_step == total or done_step in val_losses:
+      row = jax.device_get(device_metrics)
+      if done_step in val_losses:
+        row = dict(row, val_loss=val_losses.pop(done_step))
+      log.write(done_step, row)
     if int(jax.device_get(device_metrics["nonfinite_streak"])) >= nonfinite_patience:
       raise NonFiniteError(
           f"{phase}: {nonfinite_patience} consecutive steps up to step {done_step} had a "
@@ -132,7 +139,9 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
         previous = (step, metrics)  # not the state: its buffers are donated to the next step
         if step % checkpoint_every == 0 or step == total or signals.received:
           # The iterator state is taken after this step's batch, so a resume continues after it.
-          ckpts.save(step, state, data_iter.get_state(), config_dict)
+          if val_loss_fn is not None and not signals.received:
+            val_losses[step] = val_loss_fn(state.params)
+          ckpts.save(step, state, data_iter.get_state(), config_dict, val_losses.get(step))
           last_saved = step
         if signals.received:
           settle(previous)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import glob
+import json
 import os
 import shutil
 
@@ -140,3 +141,24 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(mesh, tmp_path, damage
   assert _equal(resumed.params, whole.params)
   kept = partial_dir / "corrupt_checkpoints" / "8"
   assert sorted(os.path.relpath(p, kept) for p in glob.glob(f"{kept}/**", recursive=True)) == files
+
+
+def test_keeps_the_last_n_plus_the_best_by_held_out_loss(mesh, tmp_path):
+  losses_by_step = {2: 5.0, 4: 1.0, 6: 4.0, 8: 3.0, 10: 6.0, 12: 7.0}
+  seen = []
+
+  def val_loss(params):
+    seen.append(len(seen))
+    return losses_by_step[2 * len(seen)]
+
+  loop.run_phase(phase="scratch", phase_dir=str(tmp_path), model_cfg=S_CFG, train_cfg=TC, seed=0,
+                 mesh=mesh, rules=sharding.DEFAULT_RULES, tokens_per_step=32, config_dict={},
+                 log_every=3, checkpoint_every=2, keep_checkpoints=2, nonfinite_patience=3,
+                 show_progress=False, val_loss_fn=val_loss,
+                 make_train_iter=lambda: _Batches(bad_from=10**9))
+  ckpts = checkpoint.PhaseCheckpoints(str(tmp_path / "checkpoints"))
+  assert sorted(ckpts._manager.all_steps()) == [4, 10, 12]  # best (step 4) + last two
+  ckpts.close()
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert {r["step"]: r["val_loss"] for r in rows if "val_loss" in r} == losses_by_step
+  assert sorted(r["step"] for r in rows) == [2, 3, 4, 6, 8, 9, 10, 12]  # log + checkpoint steps
