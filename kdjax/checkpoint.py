@@ -9,6 +9,8 @@ A checkpoint holds four items, so each can be restored on its own:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -29,6 +31,11 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings, so restore places arrays directly."""
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def config_hash(config: dict) -> str:
+  """SHA-256 of the config's canonical JSON: which exact settings produced a checkpoint."""
+  return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def _train_item(state: TrainState) -> dict:
@@ -59,7 +66,8 @@ class PhaseCheckpoints:
            val_loss: float | None = None) -> None:
     """Saves `state` as `step` (the caller knows it: no device sync here)."""
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-    self._manager.save(step, metrics=metrics, args=ocp.args.Composite(
+    self._manager.save(step, metrics=metrics, custom_metadata={"config_sha256": config_hash(config)},
+                       args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         train=ocp.args.StandardSave(_train_item(state)),
         data=ocp.args.JsonSave(data_state),

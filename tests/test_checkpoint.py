@@ -1,5 +1,6 @@
 """Checkpoint round trip, read-only params loading, and metrics.jsonl truncation on resume."""
 
+import hashlib
 import json
 import os
 
@@ -55,6 +56,9 @@ def test_round_trip_is_exact(trained, tmp_path):
   ckpts.close()
   _assert_trees_equal(restored, state)
   assert restored_data == data_state
+  with open(tmp_path / "ckpt" / "2" / "_CHECKPOINT_METADATA") as f:
+    meta = json.load(f)
+  assert meta["custom_metadata"]["config_sha256"] == hashlib.sha256(b'{"seed": 3}').hexdigest()
   assert restored.params["embed"]["embedding"].sharding == (
       shardings.params["embed"]["embedding"])
 
