@@ -7,7 +7,7 @@ the same batches for the same number of steps, and compares all three on held-ou
   python -m kdjax.main --config=configs/shakespeare.py:smoke --workdir=runs/smoke
 
 Presets (the part after ':'):
-  (none)  the default run: 9-11 minutes on a 2-core CPU (README has the measured table).
+  (none)  the default run: 9-12 minutes on a 2-core CPU (README has the measured table).
   smoke   the same pipeline shrunk to about 30 seconds; tests use it.
 
 Any field can be overridden, e.g. `--config.distill.temperature=2 --config.seed=1`.
