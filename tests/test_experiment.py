@@ -67,7 +67,9 @@ def test_smoke_run_writes_summary_metrics_and_checkpoints(smoke_run, smoke_confi
   assert set(on_disk) == {"teacher", "distilled", "scratch"}
   for name, m in on_disk.items():
     assert {"ppl", "top1_agreement", "kl_to_teacher"} <= set(m)
-    assert 1.0 < m["ppl"] < smoke_config.data.vocab_size  # better than uniform after training
+    np.testing.assert_allclose(m["ppl"], np.exp(m["loss"]), rtol=1e-6)
+    # Trained models beat a uniform guess over the vocabulary (ppl = V) by a wide margin.
+    assert m["ppl"] < 0.5 * smoke_config.data.vocab_size, (name, m["ppl"])
     assert not any("time" in k or "per_sec" in k for k in m)  # evaluation numbers only
   assert on_disk["teacher"]["top1_agreement"] == 1.0
   assert abs(on_disk["teacher"]["kl_to_teacher"]) < 1e-6
