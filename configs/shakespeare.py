@@ -17,6 +17,8 @@ import ml_collections
 
 from kdjax.sharding import DEFAULT_RULES
 
+PRESETS = ("", "smoke")
+
 
 def _model(vocab_size, *, d_model, num_layers, num_heads, num_kv_heads, mlp_dim, max_len):
   return ml_collections.ConfigDict(dict(
@@ -56,6 +58,9 @@ def get_config(arg=None):
       vocab_size=vocab,
       seq_len=seq_len,
       batch_size=32,
+      # Independent data streams that make up each global batch; a multi-host run needs a
+      # multiple of its process count, and then sees the same batches as one host would.
+      num_shards=1,
       eval_batch_size=32,
       eval_batches=24,
       val_batches=8,
@@ -80,9 +85,18 @@ def get_config(arg=None):
       skew=0.1,  # skew_kl / skew_reverse_kl only
   ))
 
+  # How the frozen teacher runs during distillation and evaluation: '' keeps config.teacher's
+  # dtypes; e.g. param_dtype='bfloat16' halves its memory. Empty sharding_rules = sharding_rules.
+  config.frozen_teacher = ml_collections.ConfigDict(dict(dtype="", param_dtype="",
+                                                         sharding_rules=[]))
+
   # data x fsdp x tensor devices; -1 = all remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
+  # The hardware this config is sized for; tests/test_configs.py checks that the training state
+  # (params, optimizer state and the frozen teacher) fits one device's memory on it.
+  config.target = ml_collections.ConfigDict(dict(name="laptop CPU", devices=1, processes=1,
+                                                 memory_gib=8.0))
 
   config.log_every = 10
   config.checkpoint_every = 100

@@ -104,8 +104,13 @@ class PhaseCheckpoints:
     target = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints", str(step))
     if os.path.exists(target):
       target += f".{int(time.time())}"
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    # On many hosts the folder is shared: process 0 moves it, the others wait until it has.
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"kdjax_quarantine_{step}")
     self._manager.reload()
     return target
 

@@ -23,7 +23,7 @@ MODES = ("experiment", "teacher", "distill", "scratch", "eval")
 PHASE_FIELDS = {
     "teacher": ("seed", "data", "teacher", "teacher_train"),
     "distilled": ("seed", "data", "student", "student_train", "distill", "teacher",
-                  "teacher_train", "teacher_checkpoint"),
+                  "teacher_train", "teacher_checkpoint", "frozen_teacher"),
     "scratch": ("seed", "data", "student", "student_train"),
 }
 _NON_MATH_DATA = {"data.data_dir", "data.archive", "data.eval_split", "data.eval_batch_size",
@@ -116,6 +116,32 @@ def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None
         "teacher) or restore those values.")
 
 
+def _check_rules(rules: Any, field: str) -> None:
+  """Each rule is [logical_name, mesh axis | list of mesh axes | None]."""
+  for rule in rules or ():
+    ok = isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+    axes = rule[1] if ok else None
+    axes = list(axes) if isinstance(axes, (list, tuple)) else [axes]
+    _require(ok and all(a is None or a in sharding.MESH_AXES for a in axes), field,
+             f"bad rule {rule!r}; write [logical_name, mesh_axis] with mesh axes from "
+             f"{sharding.MESH_AXES}, a list of them, or None.")
+
+
+def _check_frozen_teacher(config: Any) -> None:
+  frozen = config.get("frozen_teacher", None)
+  if frozen is None:
+    return
+  for field in ("dtype", "param_dtype"):
+    value = frozen.get(field, "")
+    try:
+      ok = value == "" or jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+      ok = False
+    _require(ok, f"frozen_teacher.{field}",
+             f"{value!r} is not a float dtype; use '' (as trained), float32 or bfloat16.")
+  _check_rules(frozen.get("sharding_rules", []), "frozen_teacher.sharding_rules")
+
+
 def _check_run_settings(config: Any) -> None:
   for field in ("log_every", "checkpoint_every", "keep_checkpoints", "nonfinite_patience"):
     _require(config[field] >= 1, field, f"must be >= 1 (got {config[field]}).")
@@ -128,7 +154,7 @@ def _check_run_settings(config: Any) -> None:
            f"must be in [0, vocab_size] (0 disables top-k), got {config.sample_top_k}.")
 
 
-def check_config(config: Any, num_devices: int) -> None:
+def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
   """Raises ConfigError on the first problem found."""
   _require(config.mode in MODES, "mode", f"unknown {config.mode!r}; use one of {MODES}.")
   d = config.distill
@@ -165,6 +191,14 @@ def check_config(config: Any, num_devices: int) -> None:
     _require(data[field] % dp == 0, f"data.{field}",
              f"{data[field]} is not divisible by the data-parallel size {dp} "
              "(mesh.data x mesh.fsdp); use a multiple of it.")
+  shards = int(data.get("num_shards", 1))
+  _require(shards >= 1 and data.batch_size % shards == 0, "data.num_shards",
+           f"{shards} must be >= 1 and divide batch_size={data.batch_size}.")
+  _require(shards % num_processes == 0, "data.num_shards",
+           f"{shards} is not a multiple of the {num_processes} processes; set it to a multiple "
+           f"(each process reads num_shards / {num_processes} of the data streams).")
+  _check_rules(config.get("sharding_rules", []), "sharding_rules")
+  _check_frozen_teacher(config)
   check_train(config.teacher_train, "teacher_train", data.batch_size, dp)
   check_train(config.student_train, "student_train", data.batch_size, dp)
   _check_run_settings(config)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from kdjax import checkpoint, config_check, evaluate, loop, sample, sharding, train
-from kdjax.data import pipeline, shakespeare
+from kdjax.data import hosts, pipeline, shakespeare
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig
 
@@ -47,12 +47,15 @@ def prepare_data(config: Any) -> Data:
   train_source = _split(d, "train_split", root)
   eval_source = _split(d, "eval_split", root)
   tok = _tokenizer(d, root, train_source)
-  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  per_host = d.batch_size // jax.process_count()
+  num_shards = int(d.get("num_shards", 1))
 
   def make_train_iter(seed: int):
-    return pipeline.train_iterator(train_source, tok, seq_len=d.seq_len, batch_size=per_host,
-                                   seed=seed, **shard)
+    # This process's streams (see data/hosts.py): the global batch is the same on any number
+    # of processes, and each process tokenizes only its rows.
+    return hosts.HostBatches(
+        lambda s: pipeline.train_iterator(train_source, tok, seq_len=d.seq_len,
+                                          batch_size=d.batch_size // num_shards, seed=seed,
+                                          shard_index=s, shard_count=num_shards), num_shards)
 
   evals = pipeline.eval_batches(eval_source, tok, seq_len=d.seq_len,
                                 batch_size=d.eval_batch_size, max_batches=d.eval_batches)
@@ -126,34 +129,52 @@ def _phase_kwargs(config: Any) -> dict:
 
 
 def load_params(cfg: ModelConfig, directory: str, mesh, rules):
-  """(params, shardings) of the latest checkpoint under `directory`, read-only."""
+  """(params, shardings) of the latest checkpoint under `directory`, read-only.
+
+  Params are restored straight into their shardings (each device reads its own slice) and in
+  `cfg.param_dtype`, cast on read if the checkpoint holds another dtype.
+  """
   shardings = train.param_shardings(cfg, mesh, rules)
   like = jax.eval_shape(lambda: train.init_params(cfg, jax.random.key(0), mesh, rules))
   params, _ = checkpoint.load_params(directory, like, shardings)
   return params, shardings
 
 
-def load_teacher(config: Any, workdir: str, mesh, rules) -> loop.Teacher:
+def frozen_teacher_settings(config: Any, rules) -> tuple[ModelConfig, sharding.Rules]:
+  """The teacher as distillation runs it: `config.frozen_teacher` may store its params in
+  another dtype (bf16 halves their memory), compute in another dtype and shard them by their own
+  rules (say, FSDP over every device); its shapes are always `config.teacher`'s."""
   t_cfg = ModelConfig.from_dict(config.teacher)
+  frozen = config.get("frozen_teacher", {})
+  t_cfg = dataclasses.replace(t_cfg, dtype=frozen.get("dtype") or t_cfg.dtype,
+                              param_dtype=frozen.get("param_dtype") or t_cfg.param_dtype)
+  return t_cfg, sharding.parse_rules(frozen.get("sharding_rules")) or rules
+
+
+def load_teacher(config: Any, workdir: str, mesh, rules) -> loop.Teacher:
+  t_cfg, t_rules = frozen_teacher_settings(config, rules)
   directory = config.teacher_checkpoint or os.path.join(workdir, "teacher", "checkpoints")
-  return loop.Teacher(t_cfg, *load_params(t_cfg, directory, mesh, rules))
+  return loop.Teacher(t_cfg, *load_params(t_cfg, directory, mesh, t_rules), rules=t_rules)
 
 
 def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) -> loop.PhaseResult:
   """Runs one of PHASES; 'distilled' loads the teacher from its checkpoint (read-only)."""
   common = dict(phase=phase, phase_dir=os.path.join(workdir, phase), mesh=mesh, rules=rules,
                 tokens_per_step=data.tokens_per_step, **_phase_kwargs(config))
+  placement = evaluate.Placement(mesh, rules)
   if phase == "teacher":
     t_cfg = ModelConfig.from_dict(config.teacher)
     return loop.run_phase(model_cfg=t_cfg,
-                          val_loss_fn=lambda p: evaluate.held_out_loss(t_cfg, p, data.val_batches),
+                          val_loss_fn=lambda p: evaluate.held_out_loss(t_cfg, p, data.val_batches,
+                                                                       placement),
                           train_cfg=config.teacher_train, seed=config.seed,
                           make_train_iter=lambda: data.make_train_iter(config.seed), **common)
   # Both students: the same init seed and the same batches.
   s_cfg = ModelConfig.from_dict(config.student)
   student = dict(model_cfg=s_cfg, train_cfg=config.student_train, seed=config.seed + 1,
                  make_train_iter=lambda: data.make_train_iter(config.seed + 1),
-                 val_loss_fn=lambda p: evaluate.held_out_loss(s_cfg, p, data.val_batches))
+                 val_loss_fn=lambda p: evaluate.held_out_loss(s_cfg, p, data.val_batches,
+                                                              placement))
   if phase == "distilled":
     return loop.run_phase(teacher=load_teacher(config, workdir, mesh, rules),
                           distill=train.DistillSettings.from_config(config.distill),
@@ -161,12 +182,14 @@ def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) ->
   return loop.run_phase(**student, **common)
 
 
-def samples(config: Any, cfg: ModelConfig, params: Any, tok) -> list[str]:
+def samples(config: Any, cfg: ModelConfig, params: Any, tok, mesh) -> list[str]:
   prompts = [tok.encode(p) for p in config.sample_prompts[:config.num_samples]]
+  if not prompts:
+    return []
   prompt_BxP = sample.left_pad([[tokenizer_lib.BOS_ID] + p for p in prompts])
   out_BxT = sample.generate(cfg, params, prompt_BxP, max_new_tokens=config.sample_tokens,
                             temperature=config.sample_temperature, top_k=config.sample_top_k,
-                            rng=jax.random.key(config.seed))
+                            rng=jax.random.key(config.seed), mesh=mesh)
   return [tok.decode(row.tolist()) for row in np.asarray(out_BxT)]
 
 
@@ -179,16 +202,18 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
 
 
 def evaluate_phases(config: Any, workdir: str, data: Data, teacher: loop.Teacher,
-                    params: dict[str, Any]) -> dict[str, dict[str, float]]:
-  """Held-out metrics of every model against the teacher; writes summary.json atomically."""
+                    params: dict[str, Any], mesh, rules) -> dict[str, dict[str, float]]:
+  """Held-out metrics of every model against the teacher; process 0 writes summary.json
+  atomically (every process computes it: evaluation is one data-parallel program)."""
   s_cfg = ModelConfig.from_dict(config.student)
   summary, texts = {}, {}
   for phase, p in params.items():
-    cfg = teacher.cfg if phase == "teacher" else s_cfg
-    metrics = evaluate.evaluate(cfg, p, teacher.cfg, teacher.params, data.eval_batches)
+    cfg, model_rules = (teacher.cfg, teacher.rules) if phase == "teacher" else (s_cfg, rules)
+    placement = evaluate.Placement(mesh, model_rules, teacher.rules)
+    metrics = evaluate.evaluate(cfg, p, teacher.cfg, teacher.params, data.eval_batches, placement)
     metrics["params"] = sum(x.size for x in jax.tree.leaves(p))
     summary[phase] = metrics
-    texts[phase] = samples(config, cfg, p, data.tokenizer)
+    texts[phase] = samples(config, cfg, p, data.tokenizer, mesh)
   if jax.process_index() == 0:
     path = os.path.join(workdir, "summary.json")
     with open(path + ".tmp", "w") as f:
@@ -235,14 +260,15 @@ def run(config: Any, workdir: str) -> dict[str, Any] | None:
     if result.trained_steps == 0:
       print(f"{phase}: already complete at step {result.final_step} in {workdir}, skipped",
             file=sys.stderr)
-    params[phase] = result.params
+    if phase != "teacher":  # the teacher is reloaded as configured in frozen_teacher; free it
+      params[phase] = result.params
   if config.mode not in ("experiment", "eval"):
     return None
   teacher = load_teacher(config, workdir, mesh, rules)
   params = {"teacher": teacher.params,
             **{p: params[p] if p in params else _load_phase_params(config, workdir, p, mesh, rules)
                for p in PHASES[1:]}}
-  return evaluate_phases(config, workdir, data, teacher, params)
+  return evaluate_phases(config, workdir, data, teacher, params, mesh, rules)
 
 
 def _load_phase_params(config, workdir, phase, mesh, rules):

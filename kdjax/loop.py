@@ -26,6 +26,7 @@ class Teacher:
   cfg: ModelConfig
   params: Any
   shardings: Any
+  rules: Any = None  # its activation rules (None: the student's)
 
 
 @dataclasses.dataclass
@@ -48,21 +49,43 @@ class Preempted(Exception):
   """SIGTERM or SIGINT arrived; a checkpoint of the current step was written."""
 
 
+_sync_calls = 0  # preemption-service checks made by this process, across all phases
+
+
 class _StopSignals:
-  """Turns SIGTERM/SIGINT into a flag the loop checks once per step (main thread only)."""
+  """Turns SIGTERM/SIGINT into a stop that the loop checks once per step (main thread only).
+
+  With several processes, every process must stop and checkpoint at the same step, or the
+  collective save would hang. JAX's preemption service (started by jax.distributed.initialize)
+  catches SIGTERM on any process and agrees on a step for all: the loop asks it every step
+  instead of catching SIGTERM itself. SIGINT stays local (an interactive Ctrl-C).
+  """
 
   def __init__(self):
     self.received: int | None = None
     self._previous = {}
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in ((signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     self.received = signum
+
+  def check(self) -> bool:
+    """True if the run should checkpoint now and stop (call once per step, on all hosts)."""
+    global _sync_calls
+    if self._multi and self.received is None:
+      from jax.experimental import multihost_utils
+      # The service wants ids that only grow; phase steps restart at 1, so count the calls
+      # (every process makes the same calls, so the counts agree).
+      _sync_calls += 1
+      if multihost_utils.reached_preemption_sync_point(_sync_calls):
+        self.received = signal.SIGTERM
+    return self.received is not None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -104,12 +127,15 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
   step_fn = train.jit_train_step(
       train.make_train_step(model_cfg, tx, schedule, t_cfg=teacher and teacher.cfg,
                             distill=distill,
-                            grad_accum_steps=int(train_cfg.get("grad_accum_steps", 1))),
+                            grad_accum_steps=int(train_cfg.get("grad_accum_steps", 1)),
+                            rules=rules, t_rules=teacher and (teacher.rules or rules)),
       state_shardings, teacher.shardings if teacher else None, mesh)
   teacher_params = teacher.params if teacher else None
   batch_sharding = sharding.batch_sharding(mesh)
+  # Every process computes the same replicated metrics; only process 0 writes them.
   log = MetricLog(phase_dir, phase=phase, start_step=start, total_steps=total,
-                  tokens_per_step=tokens_per_step, show_progress=show_progress)
+                  tokens_per_step=tokens_per_step, show_progress=show_progress,
+                  enabled=jax.process_index() == 0)
   last_saved = start
   val_losses = {}  # step -> held-out loss, merged into that step's metrics row
   previous = None  # (step, device metrics) of the step before the one just dispatched
@@ -137,13 +163,14 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
         if previous is not None:
           settle(previous)  # reads step N-1 while step N runs
         previous = (step, metrics)  # not the state: its buffers are donated to the next step
-        if step % checkpoint_every == 0 or step == total or signals.received:
+        stop = signals.check()
+        if step % checkpoint_every == 0 or step == total or stop:
           # The iterator state is taken after this step's batch, so a resume continues after it.
-          if val_loss_fn is not None and not signals.received:
+          if val_loss_fn is not None and not stop:
             val_losses[step] = val_loss_fn(state.params)
           ckpts.save(step, state, data_iter.get_state(), config_dict, val_losses.get(step))
           last_saved = step
-        if signals.received:
+        if stop:
           settle(previous)
           ckpts.wait()
           raise Preempted(f"{phase}: received {signal.Signals(signals.received).name}; saved a "

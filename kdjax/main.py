@@ -24,6 +24,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, summary.json.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: host:port of process 0, the same on every host. "
+    "Omit on Cloud TPU VMs and SLURM, where JAX reads it from the environment.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id, 0..N-1.")
 
 
 def _fail(message: str) -> None:
@@ -64,7 +69,7 @@ def main(argv) -> None:
   # Imported here so that `--help` and flag errors come before JAX starts.
   import jax
 
-  from kdjax import config_check, experiment, loop
+  from kdjax import config_check, distributed, experiment, loop
 
   config = _CONFIG.value
   if config is None:
@@ -73,11 +78,26 @@ def main(argv) -> None:
     _fail("--workdir is required, e.g. --workdir=runs/shakespeare.")
   # Orbax and TFDS log routine progress through absl at INFO/WARNING; users see kdjax's own output.
   absl_logging.set_verbosity(absl_logging.INFO if _VERBOSE.value else absl_logging.ERROR)
+  given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in given) and not distributed.cluster_detected():
+    if not all(v is not None for v in given):
+      _fail("--coordinator_address, --num_processes and --process_id go together outside "
+            "TPU/SLURM clusters; give all three (the same address on every host).")
+    if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+      _fail(f"--process_id: {_PROCESS_ID.value} is not in [0, --num_processes="
+            f"{_NUM_PROCESSES.value}); number the processes 0..N-1.")
+  try:
+    distributed.initialize(*given)
+  except (RuntimeError, ValueError) as e:
+    if _VERBOSE.value:
+      raise
+    _fail(f"jax.distributed.initialize: {' '.join(str(e).split())[:300]}; check the "
+          "coordinator address (reachable from every host) and the process flags.")
   if not _VERBOSE.value:
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
   try:
-    config_check.check_config(config, jax.device_count())
+    config_check.check_config(config, jax.device_count(), jax.process_count())
   except config_check.ConfigError as e:
     if _VERBOSE.value:
       raise

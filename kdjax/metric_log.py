@@ -32,10 +32,16 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 
 
 class MetricLog:
-  """Writes one JSON object per logged step (with `step` and `loss`) and TensorBoard scalars."""
+  """Writes one JSON object per logged step (with `step` and `loss`) and TensorBoard scalars.
+
+  With `enabled=False` (every process but 0 of a multi-host run) it writes nothing at all.
+  """
 
   def __init__(self, phase_dir: str, *, phase: str, start_step: int, total_steps: int,
-               tokens_per_step: int, show_progress: bool = True):
+               tokens_per_step: int, show_progress: bool = True, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     os.makedirs(phase_dir, exist_ok=True)
     self.path = os.path.join(phase_dir, "metrics.jsonl")
     truncate_jsonl(self.path, start_step)
@@ -49,6 +55,8 @@ class MetricLog:
 
   def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
     """Logs host-side scalars for `step`; adds tokens/s since the previous write."""
+    if not self.enabled:
+      return {}
     row = {"step": int(step)}
     row.update({k: float(v) for k, v in metrics.items()})
     now = time.perf_counter()
@@ -69,6 +77,8 @@ class MetricLog:
     return row
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self._bar.close()
     self._file.close()
     self._tb.close()

@@ -74,8 +74,24 @@ def _dense_init():
   return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
+class _LogicalAxes(nn.LogicallyPartitioned):
+  """A param's logical axis names, kept as metadata and never applied as a constraint on unbox.
+
+  kdjax places params through jit out_shardings (train.init_params), so constraints on unbox add
+  nothing, and they break: DenseGeneral initialises its kernel flat (2-D) and unboxes it before
+  reshaping, and Flax re-runs that init under eval_shape on every apply to check shapes, so inside
+  a mesh context a 3-name constraint would hit a 2-D value.
+  """
+
+  def unbox(self, apply_constraint=True):
+    del apply_constraint
+    return self.value
+
+
 def _partitioned(init, names):
-  return nn.with_logical_partitioning(init, names)
+  def boxed_init(*args, **kwargs):
+    return _LogicalAxes(init(*args, **kwargs), names)
+  return boxed_init
 
 
 class RMSNorm(nn.Module):
@@ -204,6 +220,20 @@ class Block(nn.Module):
     return x_BxLxD, (x_BxLxD if self.return_hidden else None)
 
 
+class Embed(nn.Embed):
+  """nn.Embed whose lookup reads a gathered copy of the table (a no-op unless it is sharded).
+
+  XLA cannot partition a gather from a vocab x embed sharded table into batch-sharded rows: it
+  replicates through a slow path and warns ("involuntary full rematerialization"). Gathering the
+  table first, as FSDP does for every weight, is the fast path; the gradient is reduce-scattered
+  back to the shards. Names without a rule ('*_gathered') mean unsharded.
+  """
+
+  def __call__(self, tokens_BxL):
+    table_VxD = nn.with_logical_constraint(self.embedding, ("vocab_gathered", "embed_gathered"))
+    return jnp.take(table_VxD.astype(self.dtype), tokens_BxL, axis=0)
+
+
 def _remat(block_cls, cfg: ModelConfig):
   if cfg.remat_policy == "none":
     return block_cls
@@ -232,7 +262,7 @@ class Transformer(nn.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
 
-    embed = nn.Embed(
+    embed = Embed(
         cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype, name="embed",
         embedding_init=_partitioned(nn.initializers.normal(stddev=cfg.d_model ** -0.5),
                                     ("vocab", "embed")))

@@ -3,6 +3,9 @@
 Prompts are left-padded with the pad id 0; padding gets segment id 0, so real tokens never
 attend to it, and positions count from each prompt's first real token. Each new token recomputes
 the whole prefix: simple and exact, and cheap at the lengths used for printed samples.
+
+Given a `mesh`, the prompts and the key are placed replicated on it and the tokens come back
+replicated, so every process of a multi-host run can read them; the params keep their shardings.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from kdjax import sharding
 from kdjax.model import ModelConfig, Transformer
 
 PAD_ID = 0
@@ -22,11 +27,23 @@ def left_pad(prompts: list[list[int]], pad_id: int = PAD_ID) -> jax.Array:
   return jnp.asarray([[pad_id] * (width - len(p)) + list(p) for p in prompts], jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k"))
 def generate(cfg: ModelConfig, params, prompt_BxP: jax.Array, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None,
-             rng: jax.Array | None = None) -> jax.Array:
+             rng: jax.Array | None = None, mesh=None) -> jax.Array:
   """Returns tokens_Bx(P+N): the prompts followed by N sampled tokens (greedy at temperature 0)."""
+  rng = jax.random.key(0) if rng is None else rng
+  kwargs = dict(cfg=cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+  if mesh is None:
+    return _generate(params, prompt_BxP, jax.random.key_data(rng), **kwargs)
+  rep = sharding.replicated(mesh)
+  with jax.set_mesh(mesh):
+    return _generate(params, sharding.global_array(np.asarray(prompt_BxP), rep),
+                     sharding.global_array(np.asarray(jax.random.key_data(rng)), rep), **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k"))
+def _generate(params, prompt_BxP, rng_data, *, cfg: ModelConfig, max_new_tokens: int,
+              temperature: float, top_k: int | None) -> jax.Array:
   model = Transformer(cfg)
   b, p = prompt_BxP.shape
   total = p + max_new_tokens
@@ -36,7 +53,7 @@ def generate(cfg: ModelConfig, params, prompt_BxP: jax.Array, *, max_new_tokens:
       [prompt_BxP != PAD_ID, jnp.ones((b, max_new_tokens), bool)], axis=1)
   segment_ids_BxT = is_real_BxT.astype(jnp.int32)
   positions_BxT = jnp.maximum(jnp.cumsum(is_real_BxT, axis=1) - 1, 0).astype(jnp.int32)
-  rng = jax.random.key(0) if rng is None else rng
+  rng = jax.random.wrap_key_data(rng_data)
 
   def body(i, carry):
     tokens_BxT, rng = carry
@@ -56,4 +73,6 @@ def generate(cfg: ModelConfig, params, prompt_BxP: jax.Array, *, max_new_tokens:
     return tokens_BxT, rng
 
   tokens_BxT, _ = jax.lax.fori_loop(p, total, body, (tokens_BxT, rng))
+  if not jax.sharding.get_abstract_mesh().empty:
+    tokens_BxT = jax.lax.with_sharding_constraint(tokens_BxT, jax.sharding.PartitionSpec())
   return tokens_BxT

@@ -116,17 +116,23 @@ def _forward(model: nn.Module, params, batch: Batch) -> jax.Array:
                      batch["positions"])
 
 
-def make_teacher_forward(t_cfg: ModelConfig) -> Callable:
-  """`teacher_forward(teacher_params, batch) -> t_logits_BxLxV`, a constant for the student."""
+def make_teacher_forward(t_cfg: ModelConfig, rules: sharding.Rules | None = None) -> Callable:
+  """`teacher_forward(teacher_params, batch) -> t_logits_BxLxV`, a constant for the student.
+
+  `rules` bind the teacher's activation constraints; they may differ from the student's (say, a
+  teacher sharded FSDP-only next to a tensor-parallel student).
+  """
   t_model = Transformer(t_cfg)
 
   def teacher_forward(teacher_params, batch: Batch):
-    return jax.lax.stop_gradient(_forward(t_model, teacher_params, batch))
+    with sharding.activation_rules(rules):
+      return jax.lax.stop_gradient(_forward(t_model, teacher_params, batch))
 
   return teacher_forward
 
 
-def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None) -> Callable:
+def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None,
+                      rules: sharding.Rules | None = None) -> Callable:
   """`student_loss(params, batch, t_logits_BxLxV or None) -> (loss, metrics)`.
 
   This is all the step differentiates: the teacher's logits come in as a plain argument.
@@ -134,7 +140,8 @@ def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None
   s_model = Transformer(s_cfg)
 
   def student_loss(params, batch: Batch, t_logits_BxLxV):
-    s_logits_BxLxV = _forward(s_model, params, batch)
+    with sharding.activation_rules(rules):
+      s_logits_BxLxV = _forward(s_model, params, batch)
     if t_logits_BxLxV is None:
       ce = losses.cross_entropy(s_logits_BxLxV, batch["targets"], batch["mask"])
       return ce, {"loss": ce, "hard_loss": ce, "num_tokens": jnp.sum(batch["mask"])}
@@ -147,8 +154,12 @@ def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None
 
 
 def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | None = None,
-                    distill: DistillSettings | None = None, grad_accum_steps: int = 1):
+                    distill: DistillSettings | None = None, grad_accum_steps: int = 1,
+                    rules: sharding.Rules | None = None, t_rules: sharding.Rules | None = None):
   """The pure step `train_step(state, teacher_params, batch) -> (state, metrics)`.
+
+  `rules` and `t_rules` bind the student's and the teacher's activation sharding constraints
+  (None: unconstrained, the compiler propagates shardings from the params alone).
 
   With `grad_accum_steps = A > 1` the batch is split into A micro-batches scanned in sequence;
   each micro-batch's gradient is weighted by its share of unmasked tokens, so the update equals
@@ -156,8 +167,8 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
   """
   if t_cfg is not None and distill is None:
     raise ValueError("make_train_step: a teacher needs DistillSettings.")
-  teacher_forward = make_teacher_forward(t_cfg) if t_cfg is not None else None
-  grad_fn = jax.value_and_grad(make_student_loss(s_cfg, distill), has_aux=True)
+  teacher_forward = make_teacher_forward(t_cfg, t_rules) if t_cfg is not None else None
+  grad_fn = jax.value_and_grad(make_student_loss(s_cfg, distill, rules), has_aux=True)
 
   def micro_step(params, teacher_params, batch: Batch):
     # The teacher runs outside value_and_grad: only the student's loss is differentiated.
@@ -210,9 +221,21 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
 
 def jit_train_step(train_step, state_shardings, teacher_shardings, mesh):
   """Compiles with explicit shardings. The state is donated: its buffers are reused for the new
-  state, halving peak memory for params + optimizer state. The teacher is never donated."""
-  return jax.jit(
+  state, halving peak memory for params + optimizer state. The teacher is never donated, and its
+  in_shardings are the ones it was placed with, so it is never moved or copied per step.
+
+  The returned function traces under `jax.set_mesh(mesh)`, where the model's logical activation
+  constraints bind to mesh axes; metrics come back replicated, readable on every process.
+  """
+  jitted = jax.jit(
       train_step,
       in_shardings=(state_shardings, teacher_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, None),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnames=("state",))
+
+  def step(state, teacher_params, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, teacher_params, batch)
+
+  step.jitted = jitted  # for AOT lowering and cache inspection
+  return step

@@ -97,3 +97,33 @@ def test_truncate_jsonl_drops_rows_after_the_restored_step(tmp_path):
   metric_log.truncate_jsonl(path, 20)
   with open(path) as f:
     assert [json.loads(l)["step"] for l in f] == [10, 20]
+
+
+def test_teacher_loads_in_bf16_from_an_f32_checkpoint_under_its_own_rules(trained, tmp_path):
+  """config.frozen_teacher: params cast on read to bf16, placed by the teacher's own rules."""
+  import dataclasses
+
+  from kdjax import experiment
+
+  state, _, _, mesh = trained
+  ckpts = checkpoint.PhaseCheckpoints(str(tmp_path / "teacher"))
+  ckpts.save(2, state, {}, {"seed": 3})
+  ckpts.wait()
+  ckpts.close()
+  config = ml_collections.ConfigDict(dict(
+      teacher=dataclasses.asdict(CFG), teacher_checkpoint=str(tmp_path / "teacher"),
+      frozen_teacher=dict(dtype="bfloat16", param_dtype="bfloat16",
+                          sharding_rules=[["embed", ["data", "fsdp"]], ["mlp", None]])))
+  before = {p: hashlib.sha256(open(os.path.join(r, p), "rb").read()).hexdigest()
+            for r, _, files in os.walk(tmp_path / "teacher") for p in files}
+  teacher = experiment.load_teacher(config, str(tmp_path), mesh, sharding.DEFAULT_RULES)
+  assert teacher.cfg.param_dtype == "bfloat16" and teacher.cfg.dtype == "bfloat16"
+  assert teacher.rules == (("embed", ("data", "fsdp")), ("mlp", None))
+  for got, want in zip(jax.tree.leaves(teacher.params), jax.tree.leaves(state.params)):
+    assert got.dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(jax.numpy.bfloat16))
+  gate = teacher.shardings["layers"]["mlp"]["gate"]["kernel"]
+  assert gate.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None)
+  after = {p: hashlib.sha256(open(os.path.join(r, p), "rb").read()).hexdigest()
+           for r, _, files in os.walk(tmp_path / "teacher") for p in files}
+  assert after == before  # read-only

@@ -175,6 +175,11 @@ def _cli(workdir, *overrides):
     (["--config.log_every=0"], "log_every"),
     (["--config.sample_top_k=-3"], "sample_top_k"),
     (["--config.student_train.b2=1.5"], "student_train.b2"),
+    (["--config.data.num_shards=3"], "data.num_shards"),
+    (["--config.frozen_teacher.param_dtype=int8"], "frozen_teacher.param_dtype"),
+    (["--num_processes=2", "--process_id=0"], "--coordinator_address"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+     "--process_id"),
 ])
 def test_bad_input_is_one_clear_line_and_leaves_workdir_alone(tmp_path, overrides, field):
   keep = tmp_path / "notes.txt"
@@ -191,14 +196,18 @@ def test_bad_input_is_one_clear_line_and_leaves_workdir_alone(tmp_path, override
     ("student.vocab_size", 1000, "must share one tokenizer"),
     ("data.vocab_size", 1000, "data.vocab_size"),
     ("data.batch_size", 6, "data.batch_size"),
+    ("data.num_shards", 1, "not a multiple of the 2 processes"),
+    ("sharding_rules", [["embed", "fsdp"], ["mlp", "model"]], "bad rule"),
+    ("frozen_teacher.sharding_rules", [["embed"]], "bad rule"),
 ])
 def test_config_errors_name_the_field(field, value, message):
   # In a config file these fields can differ (a CLI override moves the shared reference).
   config = shakespeare_config.get_config("smoke").copy_and_resolve_references()
-  group, name = field.split(".")
-  config[group][name] = value
+  *group, name = field.split(".")
+  (config[group[0]] if group else config)[name] = value
   with pytest.raises(config_check.ConfigError, match=message) as e:
-    config_check.check_config(config, num_devices=4 if name == "batch_size" else 1)
+    config_check.check_config(config, num_devices=4 if name in ("batch_size", "num_shards") else 1,
+                              num_processes=2 if name == "num_shards" else 1)
   assert field in str(e.value) and "\n" not in str(e.value)
 
 

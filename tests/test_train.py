@@ -79,7 +79,7 @@ def test_teacher_params_unchanged_and_step_compiles_once(teacher_params, mesh):
     state, metrics = step_fn(state, teacher_params, _batch(i))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
                teacher_params, before)  # still alive (not donated) and bit-identical
-  assert step_fn._cache_size() == 1
+  assert step_fn.jitted._cache_size() == 1
   assert int(state.step) == 3
   # The optimizer holds the student's params only (Adam: mu and nu, one of each per param).
   n_student = len(jax.tree.leaves(state.params))

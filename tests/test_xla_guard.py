@@ -13,3 +13,4 @@ def test_fused_reduction_is_computed_correctly_past_2_to_the_15():
   got = jax.jit(lambda a, b: a + b[None] * jnp.sum(b[None] * a, -1, keepdims=True))(a, b)
   want = a + b * (b * a).sum(-1, keepdims=True)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
