@@ -83,6 +83,9 @@ def get_config(arg=None):
       alpha=0.5,  # total = alpha * soft + (1 - alpha) * cross-entropy
       beta=0.5,  # generalized_jsd only
       skew=0.1,  # skew_kl / skew_reverse_kl only
+      # > 0: the fused loss in chunks of this many tokens, never holding [B, L, V] logits
+      # (losses.chunked_distillation_loss); worth it when vocab x seq_len is large.
+      loss_chunk_size=0,
   ))
 
   # How the frozen teacher runs during distillation and evaluation: '' keeps config.teacher's

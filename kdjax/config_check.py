@@ -166,6 +166,8 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
            f"must be in [0, 1] (got {d.alpha}); it weights the soft loss against cross-entropy.")
   _require(0 <= d.beta <= 1, "distill.beta", f"must be in [0, 1] (got {d.beta}).")
   _require(0 <= d.skew < 1, "distill.skew", f"must be in [0, 1) (got {d.skew}).")
+  _require(d.get("loss_chunk_size", 0) >= 0, "distill.loss_chunk_size",
+           f"must be >= 0 (0 = unchunked), got {d.get('loss_chunk_size', 0)}.")
 
   teacher = check_model(config.teacher, "teacher")
   student = check_model(config.student, "student")

@@ -17,12 +17,15 @@ Conventions shared by every function here:
   0 log 0 = 0, in values and in gradients.
 """
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -81,32 +84,58 @@ def _check_pair(s_logits_BxLxV: Array, t_logits_BxLxV: Array) -> None:
                      f"{t_logits_BxLxV.shape} differ in shape (same vocabulary needed)")
 
 
-def cross_entropy(logits_BxLxV: Array, labels_BxL: Array, mask_BxL: Array) -> Array:
-  """Mean next-token cross-entropy -log p(label) over unmasked tokens (no temperature)."""
+def _ce_per_token(logits_BxLxV: Array, labels_BxL: Array) -> Array:
   logp_BxLxV = _log_probs(logits_BxLxV, 1.0)
   # mode="fill" turns an out-of-range label (e.g. -100 padding) into NaN: harmless where the mask
   # is 0 (_masked_mean drops it), loud where it is not.
-  label_logp_BxL = jnp.take_along_axis(
-      logp_BxLxV, labels_BxL[..., None], axis=-1, mode="fill")[..., 0]
-  return _masked_mean(-label_logp_BxL, mask_BxL)
+  return -jnp.take_along_axis(logp_BxLxV, labels_BxL[..., None], axis=-1, mode="fill")[..., 0]
+
+
+def _soft_per_token(name: str, s_logits_BxLxV: Array, t_logits_BxLxV: Array, *,
+                    temperature: float, beta: float = 0.5, skew: float = 0.1) -> Array:
+  """Per-token divergence `name` between softmax(logits / T) of teacher and student (no T^2)."""
+  s_logp_BxLxV = _log_probs(s_logits_BxLxV, temperature)
+  t_logp_BxLxV = _log_probs(t_logits_BxLxV, temperature)
+  if name == "forward_kl" or (name in ("generalized_jsd", "jsd") and beta == 0.0):
+    return _kl_BxL(t_logp_BxLxV, s_logp_BxLxV)
+  if name == "reverse_kl" or (name in ("generalized_jsd", "jsd") and beta == 1.0):
+    return _kl_BxL(s_logp_BxLxV, t_logp_BxLxV)
+  if name in ("generalized_jsd", "jsd"):
+    m_logp_BxLxV = _log_mixture(t_logp_BxLxV, s_logp_BxLxV, beta)
+    return (beta * _kl_BxL(t_logp_BxLxV, m_logp_BxLxV)
+            + (1.0 - beta) * _kl_BxL(s_logp_BxLxV, m_logp_BxLxV))
+  if name == "skew_kl":
+    return _kl_BxL(t_logp_BxLxV, _log_mixture(t_logp_BxLxV, s_logp_BxLxV, skew))
+  if name == "skew_reverse_kl":
+    return _kl_BxL(s_logp_BxLxV, _log_mixture(s_logp_BxLxV, t_logp_BxLxV, skew))
+  if name == "tvd":
+    return 0.5 * jnp.sum(jnp.abs(jnp.exp(t_logp_BxLxV) - jnp.exp(s_logp_BxLxV)), axis=-1)
+  raise ValueError(f"unknown divergence {name!r}")
+
+
+def cross_entropy(logits_BxLxV: Array, labels_BxL: Array, mask_BxL: Array) -> Array:
+  """Mean next-token cross-entropy -log p(label) over unmasked tokens (no temperature)."""
+  return _masked_mean(_ce_per_token(logits_BxLxV, labels_BxL), mask_BxL)
+
+
+def _soft_mean(name, s_logits_BxLxV, t_logits_BxLxV, mask_BxL, **options) -> Array:
+  _check_pair(s_logits_BxLxV, t_logits_BxLxV)
+  per_token_BxL = _soft_per_token(name, s_logits_BxLxV, t_logits_BxLxV, **options)
+  return options["temperature"]**2 * _masked_mean(per_token_BxL, mask_BxL)
 
 
 def forward_kl(s_logits_BxLxV: Array, t_logits_BxLxV: Array, mask_BxL: Array, *,
                temperature: float = 1.0) -> Array:
   """T^2 KL(p_t || p_s): mean-seeking, the student must cover every teacher mode."""
-  _check_pair(s_logits_BxLxV, t_logits_BxLxV)
-  s_logp_BxLxV = _log_probs(s_logits_BxLxV, temperature)
-  t_logp_BxLxV = _log_probs(t_logits_BxLxV, temperature)
-  return temperature**2 * _masked_mean(_kl_BxL(t_logp_BxLxV, s_logp_BxLxV), mask_BxL)
+  return _soft_mean("forward_kl", s_logits_BxLxV, t_logits_BxLxV, mask_BxL,
+                    temperature=temperature)
 
 
 def reverse_kl(s_logits_BxLxV: Array, t_logits_BxLxV: Array, mask_BxL: Array, *,
                temperature: float = 1.0) -> Array:
   """T^2 KL(p_s || p_t): mode-seeking, the student may drop low-mass teacher modes."""
-  _check_pair(s_logits_BxLxV, t_logits_BxLxV)
-  s_logp_BxLxV = _log_probs(s_logits_BxLxV, temperature)
-  t_logp_BxLxV = _log_probs(t_logits_BxLxV, temperature)
-  return temperature**2 * _masked_mean(_kl_BxL(s_logp_BxLxV, t_logp_BxLxV), mask_BxL)
+  return _soft_mean("reverse_kl", s_logits_BxLxV, t_logits_BxLxV, mask_BxL,
+                    temperature=temperature)
 
 
 def generalized_jsd(s_logits_BxLxV: Array, t_logits_BxLxV: Array, mask_BxL: Array, *,
@@ -116,47 +145,28 @@ def generalized_jsd(s_logits_BxLxV: Array, t_logits_BxLxV: Array, mask_BxL: Arra
   The formula tends to 0 at both ends (like beta KL(p_t || p_s) as beta -> 0), so, as in TRL's GKD
   trainer, beta == 0 is defined as forward KL and beta == 1 as reverse KL.
   """
-  if beta == 0.0:
-    return forward_kl(s_logits_BxLxV, t_logits_BxLxV, mask_BxL, temperature=temperature)
-  if beta == 1.0:
-    return reverse_kl(s_logits_BxLxV, t_logits_BxLxV, mask_BxL, temperature=temperature)
-  _check_pair(s_logits_BxLxV, t_logits_BxLxV)
-  s_logp_BxLxV = _log_probs(s_logits_BxLxV, temperature)
-  t_logp_BxLxV = _log_probs(t_logits_BxLxV, temperature)
-  m_logp_BxLxV = _log_mixture(t_logp_BxLxV, s_logp_BxLxV, beta)
-  jsd_BxL = (beta * _kl_BxL(t_logp_BxLxV, m_logp_BxLxV)
-             + (1.0 - beta) * _kl_BxL(s_logp_BxLxV, m_logp_BxLxV))
-  return temperature**2 * _masked_mean(jsd_BxL, mask_BxL)
+  return _soft_mean("generalized_jsd", s_logits_BxLxV, t_logits_BxLxV, mask_BxL,
+                    temperature=temperature, beta=beta)
 
 
 def skew_kl(s_logits_BxLxV: Array, t_logits_BxLxV: Array, mask_BxL: Array, *,
             temperature: float = 1.0, skew: float = 0.1) -> Array:
   """T^2 KL(p_t || skew p_t + (1 - skew) p_s) (DistiLLM); bounded by T^2 log(1 / skew)."""
-  _check_pair(s_logits_BxLxV, t_logits_BxLxV)
-  s_logp_BxLxV = _log_probs(s_logits_BxLxV, temperature)
-  t_logp_BxLxV = _log_probs(t_logits_BxLxV, temperature)
-  m_logp_BxLxV = _log_mixture(t_logp_BxLxV, s_logp_BxLxV, skew)
-  return temperature**2 * _masked_mean(_kl_BxL(t_logp_BxLxV, m_logp_BxLxV), mask_BxL)
+  return _soft_mean("skew_kl", s_logits_BxLxV, t_logits_BxLxV, mask_BxL,
+                    temperature=temperature, skew=skew)
 
 
 def skew_reverse_kl(s_logits_BxLxV: Array, t_logits_BxLxV: Array, mask_BxL: Array, *,
                     temperature: float = 1.0, skew: float = 0.1) -> Array:
   """T^2 KL(p_s || skew p_s + (1 - skew) p_t) (DistiLLM)."""
-  _check_pair(s_logits_BxLxV, t_logits_BxLxV)
-  s_logp_BxLxV = _log_probs(s_logits_BxLxV, temperature)
-  t_logp_BxLxV = _log_probs(t_logits_BxLxV, temperature)
-  m_logp_BxLxV = _log_mixture(s_logp_BxLxV, t_logp_BxLxV, skew)
-  return temperature**2 * _masked_mean(_kl_BxL(s_logp_BxLxV, m_logp_BxLxV), mask_BxL)
+  return _soft_mean("skew_reverse_kl", s_logits_BxLxV, t_logits_BxLxV, mask_BxL,
+                    temperature=temperature, skew=skew)
 
 
 def tvd(s_logits_BxLxV: Array, t_logits_BxLxV: Array, mask_BxL: Array, *,
         temperature: float = 1.0) -> Array:
   """T^2 * total variation distance 0.5 sum_v |p_t - p_s|; lies in [0, T^2]."""
-  _check_pair(s_logits_BxLxV, t_logits_BxLxV)
-  s_p_BxLxV = jnp.exp(_log_probs(s_logits_BxLxV, temperature))
-  t_p_BxLxV = jnp.exp(_log_probs(t_logits_BxLxV, temperature))
-  tvd_BxL = 0.5 * jnp.sum(jnp.abs(t_p_BxLxV - s_p_BxLxV), axis=-1)
-  return temperature**2 * _masked_mean(tvd_BxL, mask_BxL)
+  return _soft_mean("tvd", s_logits_BxLxV, t_logits_BxLxV, mask_BxL, temperature=temperature)
 
 
 DIVERGENCES: dict[str, Callable[..., Array]] = {
@@ -228,3 +238,155 @@ def top1_agreement(s_logits_BxLxV: Array, t_logits_BxLxV: Array, mask_BxL: Array
   _check_pair(s_logits_BxLxV, t_logits_BxLxV)
   agree_BxL = jnp.argmax(s_logits_BxLxV, axis=-1) == jnp.argmax(t_logits_BxLxV, axis=-1)
   return _masked_mean(agree_BxL.astype(jnp.float32), mask_BxL)
+
+
+# ------------------------------------------------------------------ chunked, fused from hidden states
+
+
+def logits_from_hidden(hidden_NxD: Array, unembed_DxV: Array, softcap: float = 0.0) -> Array:
+  """hidden @ unembed in float32 (accumulated in f32 whatever the inputs), then the soft-cap."""
+  logits_NxV = jnp.einsum("...d,dv->...v", hidden_NxD, unembed_DxV,
+                          preferred_element_type=jnp.float32)
+  return softcap * jnp.tanh(logits_NxV / softcap) if softcap > 0 else logits_NxV
+
+
+def chunked_distillation_loss(s_hidden_BxLxD: Array, s_unembed_DxV: Array, t_hidden_BxLxD: Array,
+                              t_unembed_DxV: Array, labels_BxL: Array, mask_BxL: Array, *,
+                              temperature: float = 1.0, alpha: float = 0.5, chunk_size: int = 0,
+                              loss: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
+                              s_logit_softcap: float = 0.0,
+                              t_logit_softcap: float = 0.0) -> tuple[Array, dict[str, Array]]:
+  """`distillation_loss` from final hidden states, never holding [B, L, V] logits of either model.
+
+  The B*L tokens are cut into chunks of `chunk_size`; per chunk, one pass computes both models'
+  logits (hidden @ unembed, soft-capped), the divergence and the cross-entropy, and at once the
+  gradient of the total loss with respect to the student's logits, which it contracts right away
+  into the gradients of the student's hidden states and unembedding (a custom VJP, as Liger's
+  fused losses do). So the backward pass only scales stored gradients: the matmul count equals
+  the unchunked loss's, and peak memory holds a few [chunk, V] buffers instead of [B, L, V] ones.
+
+  `chunk_size=0` is the plain unchunked computation. Values and gradients equal it. The teacher is
+  a constant: its hidden states and unembedding get zero gradient, as in the training step.
+  Returns (loss, metrics) exactly like `distillation_loss`.
+  """
+  _divergence(loss)
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+  if chunk_size < 0:
+    raise ValueError(f"chunk_size must be >= 0 (0 = unchunked), got {chunk_size}")
+  if chunk_size == 0:
+    return distillation_loss(
+        logits_from_hidden(s_hidden_BxLxD, s_unembed_DxV, s_logit_softcap),
+        logits_from_hidden(t_hidden_BxLxD, t_unembed_DxV, t_logit_softcap), labels_BxL, mask_BxL,
+        loss=loss, temperature=temperature, alpha=alpha, beta=beta, skew=skew)
+  if labels_BxL.shape != mask_BxL.shape or s_hidden_BxLxD.shape[:-1] != labels_BxL.shape:
+    raise ValueError(f"hidden {s_hidden_BxLxD.shape}, labels {labels_BxL.shape} and mask "
+                     f"{mask_BxL.shape} must share their leading [B, L] shape")
+  settings = _ChunkSettings(loss, float(temperature), float(alpha), float(beta), float(skew),
+                            float(s_logit_softcap), float(t_logit_softcap), int(chunk_size))
+  total, soft, hard = _fused_loss(settings, s_hidden_BxLxD, s_unembed_DxV, t_hidden_BxLxD,
+                                  t_unembed_DxV, labels_BxL, mask_BxL)
+  # Only the total is differentiable: the metrics are for logging.
+  metrics = {"loss": total, "soft_loss": jax.lax.stop_gradient(soft),
+             "hard_loss": jax.lax.stop_gradient(hard),
+             "num_tokens": jnp.sum(mask_BxL.astype(jnp.float32))}
+  return total, metrics
+
+
+class _ChunkSettings(NamedTuple):
+  loss: str
+  temperature: float
+  alpha: float
+  beta: float
+  skew: float
+  s_softcap: float
+  t_softcap: float
+  chunk_size: int
+
+
+def _chunks(x: Array, chunk: int, n_padded: int) -> Array:
+  """[B, L, ...] -> [n_padded / chunk, chunk, ...], zero-padded at the end."""
+  flat = x.reshape((-1,) + x.shape[2:])
+  flat = jnp.pad(flat, [(0, n_padded - flat.shape[0])] + [(0, 0)] * (flat.ndim - 1))
+  return flat.reshape((n_padded // chunk, chunk) + flat.shape[1:])
+
+
+def _fused_forward(cfg: _ChunkSettings, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask):
+  """(total, soft mean, hard mean) and the gradients of total w.r.t. s_hidden and s_unembed."""
+  n = labels.size
+  chunk = min(cfg.chunk_size, n)
+  n_padded = -(-n // chunk) * chunk
+  mask_f32 = mask.astype(jnp.float32)
+  denom = jnp.maximum(jnp.sum(mask_f32), 1.0)
+  xs = (_chunks(s_hidden, chunk, n_padded), _chunks(t_hidden, chunk, n_padded),
+        _chunks(labels, chunk, n_padded), _chunks(mask_f32, chunk, n_padded))
+  t_unembed = jax.lax.stop_gradient(t_unembed)
+
+  def body(carry, chunk_xs):
+    d_unembed_DxV, soft_sum, hard_sum = carry
+    s_h_CxD, t_h_CxD, labels_C, mask_C = chunk_xs
+    t_logits_CxV = logits_from_hidden(jax.lax.stop_gradient(t_h_CxD), t_unembed, cfg.t_softcap)
+
+    def chunk_loss(s_raw_CxV):
+      s_logits_CxV = (cfg.s_softcap * jnp.tanh(s_raw_CxV / cfg.s_softcap) if cfg.s_softcap > 0
+                      else s_raw_CxV)
+      keep = mask_C != 0  # a where, as in _masked_mean: masked inf/NaN cannot leak
+      hard = jnp.sum(jnp.where(keep, _ce_per_token(s_logits_CxV, labels_C) * mask_C, 0.0))
+      soft = jnp.zeros((), jnp.float32)
+      if cfg.alpha > 0.0:
+        per_token_C = _soft_per_token(cfg.loss, s_logits_CxV, t_logits_CxV,
+                                      temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew)
+        soft = cfg.temperature**2 * jnp.sum(jnp.where(keep, per_token_C * mask_C, 0.0))
+      return _blend(cfg.alpha, soft, hard) / denom, (soft, hard)
+
+    s_raw_CxV = jnp.einsum("cd,dv->cv", s_h_CxD, s_unembed, preferred_element_type=jnp.float32)
+    _, vjp, (soft, hard) = jax.vjp(chunk_loss, s_raw_CxV, has_aux=True)
+    (g_raw_CxV,) = vjp(jnp.ones((), jnp.float32))
+    d_hidden_CxD = jnp.einsum("cv,dv->cd", g_raw_CxV, s_unembed,
+                              preferred_element_type=jnp.float32)
+    d_unembed_DxV = d_unembed_DxV + jnp.einsum("cd,cv->dv", s_h_CxD, g_raw_CxV,
+                                               preferred_element_type=jnp.float32)
+    return (d_unembed_DxV, soft_sum + soft, hard_sum + hard), d_hidden_CxD
+
+  init = (jnp.zeros(s_unembed.shape, jnp.float32), jnp.zeros((), jnp.float32),
+          jnp.zeros((), jnp.float32))
+  (d_unembed, soft_sum, hard_sum), d_hidden = jax.lax.scan(body, init, xs)
+  d_hidden = d_hidden.reshape(n_padded, -1)[:n].reshape(s_hidden.shape).astype(s_hidden.dtype)
+  soft, hard = soft_sum / denom, hard_sum / denom
+  return (_blend(cfg.alpha, soft, hard), soft, hard), (d_hidden, d_unembed.astype(s_unembed.dtype))
+
+
+def _blend(alpha: float, soft: Array, hard: Array) -> Array:
+  # Python branches, as in distillation_loss: at alpha 0 or 1 the other term must not reach the
+  # loss (0 * inf = NaN).
+  if alpha == 0.0:
+    return hard
+  if alpha == 1.0:
+    return soft
+  return alpha * soft + (1.0 - alpha) * hard
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_loss(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask):
+  return _fused_forward(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask)[0]
+
+
+def _fused_loss_fwd(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask):
+  out, grads = _fused_forward(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask)
+  return out, (grads, tuple(_zero_cotangent(x) for x in (t_hidden, t_unembed, labels, mask)))
+
+
+def _zero_cotangent(x: Array):
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)  # integer labels, bool masks
+
+
+def _fused_loss_bwd(cfg, residuals, cotangents):
+  (d_hidden, d_unembed), zeros = residuals
+  ct_total = cotangents[0]  # soft and hard leave through stop_gradient: their cotangents are 0
+  return ((ct_total * d_hidden).astype(d_hidden.dtype),
+          (ct_total * d_unembed).astype(d_unembed.dtype)) + zeros
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)

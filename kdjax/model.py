@@ -4,8 +4,8 @@ Teacher and student are the same code with different `ModelConfig`s:
 
     logits_BxLxV = Transformer(cfg).apply({'params': params}, tokens_BxL)
 
-Shape letters: B batch, L length, D model width, H query heads, N key/value heads, G = H / N query
-heads per key/value head, K head dim, F mlp width, V vocab, S layers.
+Shape letters: B batch, L length, T = B * L tokens, D model width, H query heads, N key/value
+heads, G = H / N query heads per key/value head, K head dim, F mlp width, V vocab, S layers.
 
 Every param carries logical axis names ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
 'layers') so that shardings are derived from rules in the config, never written per parameter.
@@ -156,27 +156,26 @@ class Attention(nn.Module):
           (heads, k), use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
           kernel_init=_partitioned(_dense_init(), ("embed", axis_name, "head_dim")))
 
-    q_BxLxHxK = proj(h, "query", "heads")(x_BxLxD)
-    k_BxLxNxK = proj(n, "key", "kv_heads")(x_BxLxD)
-    v_BxLxNxK = proj(n, "value", "kv_heads")(x_BxLxD)
+    # Projections on tokens flattened to one axis (see Mlp), reshaped back for attention.
+    b, l, d = x_BxLxD.shape
+    x_TxD = x_BxLxD.reshape(b * l, d)
+    q_BxLxHxK = proj(h, "query", "heads")(x_TxD).reshape(b, l, h, k)
+    k_BxLxNxK = proj(n, "key", "kv_heads")(x_TxD).reshape(b, l, n, k)
+    v_BxLxNxK = proj(n, "value", "kv_heads")(x_TxD).reshape(b, l, n, k)
     q_BxLxHxK = apply_rope(q_BxLxHxK, cos_BxLxK2, sin_BxLxK2)
     k_BxLxNxK = apply_rope(k_BxLxNxK, cos_BxLxK2, sin_BxLxK2)
 
-    # Grouped-query attention: query heads g*G .. g*G+G-1 share key/value head g.
-    b, l = x_BxLxD.shape[:2]
-    q_BxLxNxGxK = q_BxLxHxK.reshape(b, l, n, h // n, k) * jnp.asarray(k ** -0.5, dtype)
-    scores_BxNxGxLxL = jnp.einsum("blngk,bmnk->bnglm", q_BxLxNxGxK, k_BxLxNxK,
-                                  preferred_element_type=jnp.float32)
-    scores_BxNxGxLxL = jnp.where(mask_BxLxL[:, None, None], scores_BxNxGxLxL,
-                                 jnp.finfo(jnp.float32).min)
-    probs_BxNxGxLxL = jax.nn.softmax(scores_BxNxGxLxL, axis=-1).astype(dtype)
-    out_BxLxNxGxK = jnp.einsum("bnglm,bmnk->blngk", probs_BxNxGxLxL, v_BxLxNxK)
-    out_BxLxHxK = out_BxLxNxGxK.reshape(b, l, h, k)
+    # Grouped-query attention (query heads g*G .. g*G+G-1 share key/value head g), scores and
+    # softmax in float32, masked scores at finfo.min (so exp gives exactly 0). JAX's fused
+    # attention: cuDNN's kernel on GPU where it applies, XLA's elsewhere (2x faster on CPU than
+    # the plain einsums it replaces).
+    out_BxLxHxK = jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask=mask_BxLxL[:, None], scale=k ** -0.5)
     out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
     return nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=param_dtype,
         name="out", kernel_init=_partitioned(_dense_init(), ("heads", "head_dim", "embed")),
-    )(out_BxLxHxK)
+    )(out_BxLxHxK.reshape(b * l, h, k)).reshape(b, l, d)
 
 
 class Mlp(nn.Module):
@@ -191,15 +190,19 @@ class Mlp(nn.Module):
       return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
                       kernel_init=_partitioned(_dense_init(), names))
 
+    # Tokens flattened to one axis (T = B * L, batch-major, so 'batch' sharding carries over):
+    # plain 2-D matmuls, whose backward XLA:CPU runs about 30% faster than the 3-D form's.
+    b, l, d = x_BxLxD.shape
+    x_TxD = x_BxLxD.reshape(b * l, d)
     if cfg.activation in ("swiglu", "geglu"):
       act = jax.nn.silu if cfg.activation == "swiglu" else jax.nn.gelu
-      h_BxLxF = act(dense(cfg.mlp_dim, "gate", ("embed", "mlp"))(x_BxLxD)) * dense(
-          cfg.mlp_dim, "up", ("embed", "mlp"))(x_BxLxD)
+      h_TxF = act(dense(cfg.mlp_dim, "gate", ("embed", "mlp"))(x_TxD)) * dense(
+          cfg.mlp_dim, "up", ("embed", "mlp"))(x_TxD)
     else:
       act = jax.nn.gelu if cfg.activation == "gelu" else jax.nn.relu
-      h_BxLxF = act(dense(cfg.mlp_dim, "up", ("embed", "mlp"))(x_BxLxD))
-    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
-    return dense(cfg.d_model, "down", ("mlp", "embed"))(h_BxLxF)
+      h_TxF = act(dense(cfg.mlp_dim, "up", ("embed", "mlp"))(x_TxD))
+    h_TxF = nn.with_logical_constraint(h_TxF, ("batch", "mlp"))
+    return dense(cfg.d_model, "down", ("mlp", "embed"))(h_TxF).reshape(b, l, d)
 
 
 class Block(nn.Module):
@@ -247,12 +250,15 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, return_final_hidden: bool = False):
     """Returns logits_BxLxV (float32), and with `return_hidden` also hidden_SxBxLxD.
 
     `segment_ids_BxL` (0 = padding) restrict attention to the same packed document;
     `positions_BxL` restart per document. Both default to one unpacked sequence.
     `hidden_SxBxLxD` holds the residual stream after each of the S layers.
+    With `return_final_hidden` it returns the final-normed hidden_BxLxD instead of logits, for
+    losses that apply the unembedding themselves (`unembedding` gives it; see
+    losses.chunked_distillation_loss).
     """
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -287,6 +293,8 @@ class Transformer(nn.Module):
       hidden_SxBxLxD = jnp.stack(hidden) if return_hidden else None
 
     x_BxLxD = make_norm(cfg, "final_norm")(x_BxLxD)
+    if return_final_hidden:
+      return x_BxLxD
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
     else:
@@ -299,3 +307,10 @@ class Transformer(nn.Module):
     if return_hidden:
       return logits_BxLxV, hidden_SxBxLxD
     return logits_BxLxV
+
+
+def unembedding(cfg: ModelConfig, params: Any) -> jax.Array:
+  """unembed_DxV with logits = final_hidden @ unembed_DxV (before the soft-cap)."""
+  if cfg.tie_embeddings:
+    return params["embed"]["embedding"].T
+  return params["unembed"]["kernel"]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from kdjax import losses, sharding
-from kdjax.model import ModelConfig, Transformer
+from kdjax.model import ModelConfig, Transformer, unembedding
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: BxL int32; mask: BxL f32
 
@@ -47,11 +47,14 @@ class DistillSettings:
   alpha: float = 0.5
   beta: float = 0.5
   skew: float = 0.1
+  # > 0: the fused chunked loss from final hidden states; no [B, L, V] logits are held.
+  loss_chunk_size: int = 0
 
   @classmethod
   def from_config(cls, d: Any) -> "DistillSettings":
     return cls(loss=d.loss, temperature=float(d.temperature), alpha=float(d.alpha),
-               beta=float(d.get("beta", 0.5)), skew=float(d.get("skew", 0.1)))
+               beta=float(d.get("beta", 0.5)), skew=float(d.get("skew", 0.1)),
+               loss_chunk_size=int(d.get("loss_chunk_size", 0)))
 
 
 def make_schedule(tc: Any) -> optax.Schedule:
@@ -111,14 +114,16 @@ def create_train_state(model_cfg: ModelConfig, tx, seed: int, mesh, rules):
   return state, shardings
 
 
-def _forward(model: nn.Module, params, batch: Batch) -> jax.Array:
+def _forward(model: nn.Module, params, batch: Batch, final_hidden: bool = False) -> jax.Array:
   return model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                     batch["positions"])
+                     batch["positions"], return_final_hidden=final_hidden)
 
 
-def make_teacher_forward(t_cfg: ModelConfig, rules: sharding.Rules | None = None) -> Callable:
+def make_teacher_forward(t_cfg: ModelConfig, rules: sharding.Rules | None = None,
+                         final_hidden: bool = False) -> Callable:
   """`teacher_forward(teacher_params, batch) -> t_logits_BxLxV`, a constant for the student.
 
+  With `final_hidden` it returns (t_hidden_BxLxD, t_unembed_DxV) instead, for the chunked loss.
   `rules` bind the teacher's activation constraints; they may differ from the student's (say, a
   teacher sharded FSDP-only next to a tensor-parallel student).
   """
@@ -126,22 +131,41 @@ def make_teacher_forward(t_cfg: ModelConfig, rules: sharding.Rules | None = None
 
   def teacher_forward(teacher_params, batch: Batch):
     with sharding.activation_rules(rules):
-      return jax.lax.stop_gradient(_forward(t_model, teacher_params, batch))
+      if final_hidden:
+        out = (_forward(t_model, teacher_params, batch, final_hidden=True),
+               unembedding(t_cfg, teacher_params))
+      else:
+        out = _forward(t_model, teacher_params, batch)
+    return jax.lax.stop_gradient(out)
 
   return teacher_forward
 
 
 def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None,
-                      rules: sharding.Rules | None = None) -> Callable:
-  """`student_loss(params, batch, t_logits_BxLxV or None) -> (loss, metrics)`.
+                      rules: sharding.Rules | None = None, t_softcap: float = 0.0) -> Callable:
+  """`student_loss(params, batch, t_out) -> (loss, metrics)`.
 
-  This is all the step differentiates: the teacher's logits come in as a plain argument.
+  This is all the step differentiates: the teacher's output comes in as a plain argument:
+  t_logits_BxLxV, (t_hidden_BxLxD, t_unembed_DxV) with the chunked loss, or None (no teacher).
   """
   s_model = Transformer(s_cfg)
 
-  def student_loss(params, batch: Batch, t_logits_BxLxV):
+  chunked = distill is not None and distill.loss_chunk_size > 0
+
+  def student_loss(params, batch: Batch, t_out):
+    if chunked and t_out is not None:
+      t_hidden_BxLxD, t_unembed_DxV = t_out
+      with sharding.activation_rules(rules):
+        s_hidden_BxLxD = _forward(s_model, params, batch, final_hidden=True)
+      return losses.chunked_distillation_loss(
+          s_hidden_BxLxD, unembedding(s_cfg, params), t_hidden_BxLxD, t_unembed_DxV,
+          batch["targets"], batch["mask"], loss=distill.loss, temperature=distill.temperature,
+          alpha=distill.alpha, beta=distill.beta, skew=distill.skew,
+          chunk_size=distill.loss_chunk_size, s_logit_softcap=s_cfg.logit_softcap,
+          t_logit_softcap=t_softcap)
     with sharding.activation_rules(rules):
       s_logits_BxLxV = _forward(s_model, params, batch)
+    t_logits_BxLxV = t_out
     if t_logits_BxLxV is None:
       ce = losses.cross_entropy(s_logits_BxLxV, batch["targets"], batch["mask"])
       return ce, {"loss": ce, "hard_loss": ce, "num_tokens": jnp.sum(batch["mask"])}
@@ -167,13 +191,17 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
   """
   if t_cfg is not None and distill is None:
     raise ValueError("make_train_step: a teacher needs DistillSettings.")
-  teacher_forward = make_teacher_forward(t_cfg, t_rules) if t_cfg is not None else None
-  grad_fn = jax.value_and_grad(make_student_loss(s_cfg, distill, rules), has_aux=True)
+  chunked = distill is not None and distill.loss_chunk_size > 0
+  teacher_forward = (make_teacher_forward(t_cfg, t_rules, final_hidden=chunked)
+                     if t_cfg is not None else None)
+  grad_fn = jax.value_and_grad(
+      make_student_loss(s_cfg, distill, rules, t_softcap=t_cfg.logit_softcap if t_cfg else 0.0),
+      has_aux=True)
 
   def micro_step(params, teacher_params, batch: Batch):
     # The teacher runs outside value_and_grad: only the student's loss is differentiated.
-    t_logits_BxLxV = teacher_forward(teacher_params, batch) if teacher_forward else None
-    (_, metrics), grads = grad_fn(params, batch, t_logits_BxLxV)
+    t_out = teacher_forward(teacher_params, batch) if teacher_forward else None
+    (_, metrics), grads = grad_fn(params, batch, t_out)
     return grads, metrics
 
   def train_step(state: TrainState, teacher_params, batch: Batch):

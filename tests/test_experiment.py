@@ -176,6 +176,7 @@ def _cli(workdir, *overrides):
     (["--config.sample_top_k=-3"], "sample_top_k"),
     (["--config.student_train.b2=1.5"], "student_train.b2"),
     (["--config.data.num_shards=3"], "data.num_shards"),
+    (["--config.distill.loss_chunk_size=-1"], "distill.loss_chunk_size"),
     (["--config.frozen_teacher.param_dtype=int8"], "frozen_teacher.param_dtype"),
     (["--num_processes=2", "--process_id=0"], "--coordinator_address"),
     (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],

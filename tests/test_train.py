@@ -147,6 +147,28 @@ def test_alpha_zero_equals_plain_cross_entropy(teacher_params, mesh):
                n1.params, n2.params)
 
 
+@pytest.mark.parametrize("tied, softcap", [(True, 0.0), (False, 0.0), (False, 20.0)])
+def test_chunked_loss_step_equals_plain_step(mesh, tied, softcap):
+  """config.distill.loss_chunk_size > 0: the step's loss, metrics and update are unchanged."""
+  s_cfg = dataclasses.replace(S_CFG, tie_embeddings=tied, logit_softcap=softcap)
+  t_cfg = dataclasses.replace(T_CFG, tie_embeddings=tied, logit_softcap=softcap)
+  t_params = train.init_params(t_cfg, jax.random.key(8), mesh, sharding.DEFAULT_RULES)
+  tc = _train_cfg()
+  tx, schedule = train.make_optimizer(tc), train.make_schedule(tc)
+  batch = _batch(6)
+  out = {}
+  for chunk in (0, 7):
+    state, _ = train.create_train_state(s_cfg, tx, 0, mesh, sharding.DEFAULT_RULES)
+    distill = dataclasses.replace(DISTILL, loss="generalized_jsd", loss_chunk_size=chunk)
+    step = train.make_train_step(s_cfg, tx, schedule, t_cfg=t_cfg, distill=distill)
+    out[chunk] = jax.jit(step)(state, t_params, batch)
+  (plain, m0), (chunked, m1) = out[0], out[7]
+  for key in ("loss", "soft_loss", "hard_loss", "grad_norm", "num_tokens"):
+    np.testing.assert_allclose(m1[key], m0[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+               chunked.params, plain.params)
+
+
 def test_schedule_warmup_then_cosine():
   sched = train.make_schedule(_train_cfg(steps=100, warmup_steps=10, learning_rate=1.0,
                                          end_lr_fraction=0.1))

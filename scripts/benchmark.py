@@ -1,0 +1,220 @@
+"""Times kdjax's compiled distillation step and prints one JSON line.
+
+  python scripts/benchmark.py --config=configs/bench_cpu.py
+  python scripts/benchmark.py --config=configs/bench_cpu.py --config.distill.loss_chunk_size=0
+  python scripts/benchmark.py --loss_table --vocab=32768,131072,262144 --loss_chunk_sizes=0,256
+
+`--loss_table` times the distillation loss alone (no model): from final hidden states of a
+student (width --student_width) and a teacher (--teacher_width) over --loss_length tokens, value and
+gradient w.r.t. the student's hidden states and unembedding, one JSON line per (vocab, chunk size)
+with XLA's scratch memory for the compiled loss (`temp_bytes`, from memory_analysis: what the
+loss itself allocates beyond its inputs and outputs) and the median time of --steps runs.
+
+The step is exactly the training step (teacher forward under stop_gradient, student forward and
+backward, AdamW update, donated state) on random tokens of the config's batch shape, with random
+teacher params. Compilation and `--warmup` steps are excluded; `step_ms` is the median of
+`--steps` timed steps, each waited for before the next starts.
+
+FLOPs per token (forward = 2 per multiply-add; backward = 2x forward):
+
+  flops_per_token = 6 N_s + 2 N_t + 12 S_s d_s L + 4 S_t d_t L
+
+N = weights that enter a matmul (every kernel and the unembedding; not norm scales, and not the
+input embedding when it is untied, since a lookup does no multiply), S = layers, d = query heads x
+head dim, L = sequence length. The attention terms count QK^T and AV over the full L x L (no
+causal discount), forward + backward for the student, forward only for the teacher.
+
+achieved_flops = flops_per_token x tokens_per_sec; mfu = achieved_flops / peak_flops, where
+peak_flops is measured on CPU (the fastest of 20 2048^3 matmuls in the compute dtype) and the data
+sheet's dense figure on GPU/TPU. peak memory: the device's peak_bytes_in_use where JAX reports
+it, else the process's max RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kdjax  # noqa: E402,F401  (XLA flags before JAX starts)
+
+from absl import app, flags  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from kdjax import sharding, train  # noqa: E402
+from kdjax.model import ModelConfig  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_LOSS_TABLE = flags.DEFINE_bool("loss_table", False, "Time the loss alone (see the docstring).")
+_VOCAB = flags.DEFINE_list("vocab", ["32768", "131072", "262144"], "Loss table: vocab sizes.")
+_CHUNKS = flags.DEFINE_list("loss_chunk_sizes", ["0", "256"], "Loss table: 0 = unchunked.")
+_LENGTH = flags.DEFINE_integer("loss_length", 2048, "Loss table: tokens (one sequence).")
+_S_WIDTH = flags.DEFINE_integer("student_width", 512, "Loss table: student hidden width.")
+_T_WIDTH = flags.DEFINE_integer("teacher_width", 1024, "Loss table: teacher hidden width.")
+
+# Dense peak FLOP/s from vendor data sheets, by device_kind substring and compute dtype.
+DATASHEET = {
+    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12,
+    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 67e12,
+    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
+    ("TPU v4", "bfloat16"): 275e12, ("TPU v5 lite", "bfloat16"): 197e12,
+    ("TPU v5e", "bfloat16"): 197e12, ("TPU v5p", "bfloat16"): 459e12,
+    ("TPU v6", "bfloat16"): 918e12,
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Weights that enter a matmul: every kernel, and the (tied or untied) unembedding."""
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: train.Transformer(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"])
+  # By name, not by rank: under nn.scan the norm scales are stacked into 2-D arrays too.
+  n = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(shapes)
+          if getattr(path[-1], "key", None) in ("kernel", "embedding"))
+  # The untied input embedding is only looked up; a tied one is also the unembedding.
+  return n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+
+
+def flops_per_token(s_cfg: ModelConfig, t_cfg: ModelConfig | None, seq_len: int) -> float:
+  flops = 6 * matmul_params(s_cfg) + 12 * s_cfg.num_layers * s_cfg.num_heads * s_cfg.k * seq_len
+  if t_cfg is not None:
+    flops += 2 * matmul_params(t_cfg) + 4 * t_cfg.num_layers * t_cfg.num_heads * t_cfg.k * seq_len
+  return float(flops)
+
+
+def peak_flops(dtype: str) -> tuple[float, str]:
+  device = jax.devices()[0]
+  for (kind, dt), value in DATASHEET.items():
+    if kind in device.device_kind and dt == dtype:
+      return value, f"data sheet ({device.device_kind}, {dtype})"
+  # The best of several runs: the peak is what the machine can do, and a shared machine's noise
+  # only ever slows a run down.
+  n = 2048
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  times = []
+  for _ in range(20):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / min(times), f"measured: best of 20 {n}^3 {dtype} matmuls"
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+
+
+def benchmark(config) -> dict:
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  s_cfg = ModelConfig.from_dict(config.student)
+  t_cfg, t_rules = __import__("kdjax.experiment", fromlist=["x"]).frozen_teacher_settings(
+      config, rules)
+  tc = config.student_train
+  tx = train.make_optimizer(tc)
+  state, state_sh = train.create_train_state(s_cfg, tx, config.seed, mesh, rules)
+  t_params = train.init_params(t_cfg, jax.random.key(1), mesh, t_rules)
+  t_sh = train.param_shardings(t_cfg, mesh, t_rules)
+  step = train.jit_train_step(
+      train.make_train_step(s_cfg, tx, train.make_schedule(tc), t_cfg=t_cfg,
+                            distill=train.DistillSettings.from_config(config.distill),
+                            grad_accum_steps=tc.grad_accum_steps, rules=rules, t_rules=t_rules),
+      state_sh, t_sh, mesh)
+  b, l = config.data.batch_size, config.data.seq_len
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, s_cfg.vocab_size, size=(b, l + 1)).astype(np.int32)
+  host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "segment_ids": np.ones((b, l), np.int32),
+          "positions": np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy(),
+          "mask": np.ones((b, l), np.float32)}
+  batch = {k: sharding.global_array(v, sharding.batch_sharding(mesh)) for k, v in host.items()}
+
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = step.jitted.lower(state, t_params, batch).compile()
+  compile_s = time.perf_counter() - start
+  xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+  for _ in range(_WARMUP.value):
+    state, metrics = step(state, t_params, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    state, metrics = step(state, t_params, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+
+  step_s = statistics.median(times)
+  tokens_per_sec = b * l / step_s
+  fpt = flops_per_token(s_cfg, t_cfg, l)
+  peak, peak_source = peak_flops(s_cfg.dtype)
+  memory, memory_source = peak_memory_bytes()
+  return {
+      "config": config.get("target", {}).get("name", ""),
+      "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+      "batch": b, "seq_len": l, "loss_chunk_size": int(config.distill.get("loss_chunk_size", 0)),
+      "tokens_per_sec": round(tokens_per_sec, 1), "step_ms": round(1e3 * step_s, 2),
+      "step_ms_min": round(1e3 * min(times), 2), "step_ms_max": round(1e3 * max(times), 2),
+      "flops_per_token": fpt, "xla_flops_per_token": xla_flops / (b * l),
+      "achieved_flops": fpt * tokens_per_sec, "peak_flops": peak, "peak_flops_source": peak_source,
+      "mfu": round(fpt * tokens_per_sec / peak, 4),
+      "peak_memory_bytes": memory, "peak_memory_source": memory_source,
+      "compile_s": round(compile_s, 2), "loss": float(metrics["loss"]),
+  }
+
+
+def loss_row(vocab: int, chunk_size: int) -> dict:
+  from kdjax import losses
+
+  length, d_s, d_t = _LENGTH.value, _S_WIDTH.value, _T_WIDTH.value
+  rng = np.random.default_rng(0)
+  arrays = [rng.standard_normal((1, length, d_s)), rng.standard_normal((d_s, vocab)) / d_s**0.5,
+            rng.standard_normal((1, length, d_t)), rng.standard_normal((d_t, vocab)) / d_t**0.5]
+  args = [jnp.asarray(a, jnp.float32) for a in arrays] + [
+      jnp.asarray(rng.integers(0, vocab, (1, length)), jnp.int32), jnp.ones((1, length))]
+
+  def loss(s_h, s_w, t_h, t_w, labels, mask):
+    return losses.chunked_distillation_loss(s_h, s_w, t_h, t_w, labels, mask, temperature=2.0,
+                                            alpha=0.5, chunk_size=chunk_size)[0]
+
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+  memory = compiled.memory_analysis()
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return {"vocab": vocab, "length": length, "student_width": d_s, "teacher_width": d_t,
+          "chunk_size": chunk_size, "temp_bytes": int(memory.temp_size_in_bytes),
+          "logits_bytes": length * vocab * 4, "ms": round(1e3 * statistics.median(times), 1)}
+
+
+def main(argv):
+  del argv
+  if _LOSS_TABLE.value:
+    for vocab in map(int, _VOCAB.value):
+      for chunk_size in map(int, _CHUNKS.value):
+        print(json.dumps(loss_row(vocab, chunk_size)), flush=True)
+    return
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required (or --loss_table).")
+  print(json.dumps(benchmark(_CONFIG.value)))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,48 @@
+"""scripts/benchmark.py: its FLOP count and its output (speed itself is measured, not tested)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import benchmark  # noqa: E402
+
+from configs import bench_cpu  # noqa: E402
+from kdjax.model import ModelConfig  # noqa: E402
+
+
+def test_flops_per_token_of_bench_cpu_by_hand():
+  config = bench_cpu.get_config()
+  s, t = ModelConfig.from_dict(config.student), ModelConfig.from_dict(config.teacher)
+  # Per layer: q, k, v, out (4 d^2, no GQA) + gate, up, down (3 d f); plus the untied unembedding.
+  n_s = 4 * (4 * 256**2 + 3 * 256 * 704) + 256 * 8192
+  n_t = 8 * (4 * 512**2 + 3 * 512 * 1408) + 512 * 8192
+  attention = 12 * 4 * 256 * 256 + 4 * 8 * 512 * 256  # student fwd+bwd, teacher fwd; L = 256
+  assert benchmark.matmul_params(s) == n_s and benchmark.matmul_params(t) == n_t
+  assert benchmark.flops_per_token(s, t, 256) == 6 * n_s + 2 * n_t + attention
+  # A tied embedding is the unembedding too: counted once.
+  tied = ModelConfig.from_dict({**config.student, "tie_embeddings": True})
+  assert benchmark.matmul_params(tied) == n_s
+
+
+@pytest.mark.slow
+def test_benchmark_prints_one_json_line_with_the_figures():
+  out = subprocess.run(
+      [sys.executable, "scripts/benchmark.py", "--config=configs/shakespeare.py:smoke",
+       "--steps=2", "--warmup=1", "--config.distill.loss_chunk_size=128"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 1
+  row = json.loads(lines[0])
+  for key in ("tokens_per_sec", "step_ms", "flops_per_token", "achieved_flops", "peak_flops",
+              "mfu", "peak_memory_bytes"):
+    assert row[key] > 0, key
+  assert row["tokens_per_sec"] == pytest.approx(8 * 64 / (row["step_ms"] / 1e3), rel=1e-2)
+  assert row["mfu"] == pytest.approx(row["achieved_flops"] / row["peak_flops"], rel=1e-3)
+  assert row["loss_chunk_size"] == 128
