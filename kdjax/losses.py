@@ -258,7 +258,8 @@ def chunked_distillation_loss(s_hidden_BxLxD: Array, s_unembed_DxV: Array, t_hid
                               t_logit_softcap: float = 0.0) -> tuple[Array, dict[str, Array]]:
   """`distillation_loss` from final hidden states, never holding [B, L, V] logits of either model.
 
-  The B*L tokens are cut into chunks of `chunk_size`; per chunk, one pass computes both models'
+  The sequence is cut into chunks of about `chunk_size` tokens (chunk_size / B positions of
+  every row, so a sharded batch stays sharded); per chunk, one pass computes both models'
   logits (hidden @ unembed, soft-capped), the divergence and the cross-entropy, and at once the
   gradient of the total loss with respect to the student's logits, which it contracts right away
   into the gradients of the student's hidden states and unembedding (a custom VJP, as Liger's
@@ -304,54 +305,67 @@ class _ChunkSettings(NamedTuple):
   chunk_size: int
 
 
-def _chunks(x: Array, chunk: int, n_padded: int) -> Array:
-  """[B, L, ...] -> [n_padded / chunk, chunk, ...], zero-padded at the end."""
-  flat = x.reshape((-1,) + x.shape[2:])
-  flat = jnp.pad(flat, [(0, n_padded - flat.shape[0])] + [(0, 0)] * (flat.ndim - 1))
-  return flat.reshape((n_padded // chunk, chunk) + flat.shape[1:])
+def _chunks(x: Array, per_row: int, padded_len: int) -> Array:
+  """[B, L, ...] -> [L' / per_row, B, per_row, ...], zero-padded along L to L'."""
+  x = jnp.pad(x, [(0, 0), (0, padded_len - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  x = x.reshape((x.shape[0], padded_len // per_row, per_row) + x.shape[2:])
+  return jnp.swapaxes(x, 0, 1)
 
 
 def _fused_forward(cfg: _ChunkSettings, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask):
-  """(total, soft mean, hard mean) and the gradients of total w.r.t. s_hidden and s_unembed."""
-  n = labels.size
-  chunk = min(cfg.chunk_size, n)
-  n_padded = -(-n // chunk) * chunk
+  """(total, soft mean, hard mean) and the gradients of total w.r.t. s_hidden and s_unembed.
+
+  Chunks cut the length axis and keep the batch axis whole: a chunk is [B, chunk_size / B]
+  tokens, so with the batch sharded over devices each device works on its own rows.
+  """
+  b, length = labels.shape
+  per_row = min(max(1, cfg.chunk_size // b), length)
+  padded_len = -(-length // per_row) * per_row
   mask_f32 = mask.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(mask_f32), 1.0)
-  xs = (_chunks(s_hidden, chunk, n_padded), _chunks(t_hidden, chunk, n_padded),
-        _chunks(labels, chunk, n_padded), _chunks(mask_f32, chunk, n_padded))
+  xs = (_chunks(s_hidden, per_row, padded_len), _chunks(t_hidden, per_row, padded_len),
+        _chunks(labels, per_row, padded_len), _chunks(mask_f32, per_row, padded_len))
   t_unembed = jax.lax.stop_gradient(t_unembed)
 
   def body(carry, chunk_xs):
+    # C: the chunk's positions in each row; a chunk holds B x C tokens.
     d_unembed_DxV, soft_sum, hard_sum = carry
-    s_h_CxD, t_h_CxD, labels_C, mask_C = chunk_xs
-    t_logits_CxV = logits_from_hidden(jax.lax.stop_gradient(t_h_CxD), t_unembed, cfg.t_softcap)
+    s_h_BxCxD, t_h_BxCxD, labels_BxC, mask_BxC = chunk_xs
+    t_logits_BxCxV = logits_from_hidden(jax.lax.stop_gradient(t_h_BxCxD), t_unembed,
+                                        cfg.t_softcap)
 
-    def chunk_loss(s_raw_CxV):
-      s_logits_CxV = (cfg.s_softcap * jnp.tanh(s_raw_CxV / cfg.s_softcap) if cfg.s_softcap > 0
-                      else s_raw_CxV)
-      keep = mask_C != 0  # a where, as in _masked_mean: masked inf/NaN cannot leak
-      hard = jnp.sum(jnp.where(keep, _ce_per_token(s_logits_CxV, labels_C) * mask_C, 0.0))
+    def chunk_loss(s_raw_BxCxV):
+      s_logits_BxCxV = (cfg.s_softcap * jnp.tanh(s_raw_BxCxV / cfg.s_softcap)
+                        if cfg.s_softcap > 0 else s_raw_BxCxV)
+      keep = mask_BxC != 0  # a where, as in _masked_mean: masked inf/NaN cannot leak
+      ce_BxC = _ce_per_token(s_logits_BxCxV, labels_BxC)
+      hard = jnp.sum(jnp.where(keep, ce_BxC * mask_BxC, 0.0))
       soft = jnp.zeros((), jnp.float32)
       if cfg.alpha > 0.0:
-        per_token_C = _soft_per_token(cfg.loss, s_logits_CxV, t_logits_CxV,
-                                      temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew)
-        soft = cfg.temperature**2 * jnp.sum(jnp.where(keep, per_token_C * mask_C, 0.0))
+        per_token_BxC = _soft_per_token(cfg.loss, s_logits_BxCxV, t_logits_BxCxV,
+                                        temperature=cfg.temperature, beta=cfg.beta,
+                                        skew=cfg.skew)
+        soft = cfg.temperature**2 * jnp.sum(jnp.where(keep, per_token_BxC * mask_BxC, 0.0))
       return _blend(cfg.alpha, soft, hard) / denom, (soft, hard)
 
-    s_raw_CxV = jnp.einsum("cd,dv->cv", s_h_CxD, s_unembed, preferred_element_type=jnp.float32)
-    _, vjp, (soft, hard) = jax.vjp(chunk_loss, s_raw_CxV, has_aux=True)
-    (g_raw_CxV,) = vjp(jnp.ones((), jnp.float32))
-    d_hidden_CxD = jnp.einsum("cv,dv->cd", g_raw_CxV, s_unembed,
-                              preferred_element_type=jnp.float32)
-    d_unembed_DxV = d_unembed_DxV + jnp.einsum("cd,cv->dv", s_h_CxD, g_raw_CxV,
-                                               preferred_element_type=jnp.float32)
-    return (d_unembed_DxV, soft_sum + soft, hard_sum + hard), d_hidden_CxD
+    # The matmuls run on the chunk's tokens flattened to 2-D (T = B * C): XLA:CPU contracts two
+    # axes at once (the d_unembed matmul) much more slowly.
+    b_rows, c, d = s_h_BxCxD.shape
+    s_h_TxD = s_h_BxCxD.reshape(b_rows * c, d)
+    s_raw_TxV = jnp.dot(s_h_TxD, s_unembed, preferred_element_type=jnp.float32)
+    _, vjp, (soft, hard) = jax.vjp(chunk_loss, s_raw_TxV.reshape(b_rows, c, -1), has_aux=True)
+    (g_raw_BxCxV,) = vjp(jnp.ones((), jnp.float32))
+    g_raw_TxV = g_raw_BxCxV.reshape(b_rows * c, -1)
+    d_hidden_TxD = jnp.dot(g_raw_TxV, s_unembed.T, preferred_element_type=jnp.float32)
+    d_unembed_DxV = d_unembed_DxV + jnp.dot(s_h_TxD.T, g_raw_TxV,
+                                            preferred_element_type=jnp.float32)
+    return (d_unembed_DxV, soft_sum + soft, hard_sum + hard), d_hidden_TxD.reshape(b_rows, c, d)
 
   init = (jnp.zeros(s_unembed.shape, jnp.float32), jnp.zeros((), jnp.float32),
           jnp.zeros((), jnp.float32))
   (d_unembed, soft_sum, hard_sum), d_hidden = jax.lax.scan(body, init, xs)
-  d_hidden = d_hidden.reshape(n_padded, -1)[:n].reshape(s_hidden.shape).astype(s_hidden.dtype)
+  d_hidden = jnp.swapaxes(d_hidden, 0, 1).reshape(b, padded_len, -1)[:, :length]
+  d_hidden = d_hidden.astype(s_hidden.dtype)
   soft, hard = soft_sum / denom, hard_sum / denom
   return (_blend(cfg.alpha, soft, hard), soft, hard), (d_hidden, d_unembed.astype(s_unembed.dtype))
 

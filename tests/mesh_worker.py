@@ -50,7 +50,7 @@ def batch(b=8, l=16):
           "positions": positions, "mask": (segment_ids != 0).astype(np.float32)}
 
 
-def run(mesh, teacher_rules, teacher_cfg):
+def run(mesh, teacher_rules, teacher_cfg, distill=DISTILL):
   rules = sharding.DEFAULT_RULES
   # SGD: the update is proportional to the gradient, so comparing updated params compares
   # gradients (Adam's first step is ~lr * sign(g), which would hide them).
@@ -58,7 +58,7 @@ def run(mesh, teacher_rules, teacher_cfg):
   state, state_sh = train.create_train_state(S_CFG, tx, 0, mesh, rules)
   t_params = train.init_params(teacher_cfg, jax.random.key(7), mesh, teacher_rules)
   t_sh = train.param_shardings(teacher_cfg, mesh, teacher_rules)
-  step = train.make_train_step(S_CFG, tx, lambda s: 0.1, t_cfg=teacher_cfg, distill=DISTILL,
+  step = train.make_train_step(S_CFG, tx, lambda s: 0.1, t_cfg=teacher_cfg, distill=distill,
                                rules=rules, t_rules=teacher_rules)
   step_fn = train.jit_train_step(step, state_sh, t_sh, mesh)
   device_batch = {k: sharding.global_array(v, sharding.batch_sharding(mesh))
@@ -95,6 +95,12 @@ def main(path):
     out, layout = run(mesh, sharding.DEFAULT_RULES, T_CFG)
     arrays.update({f"{name}/{k}": v for k, v in out.items()})
     layouts[name] = layout
+  # The fused chunked loss on a sharded batch: 2 chunks of 8 positions x 8 rows.
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  out, layout = run(mesh, sharding.DEFAULT_RULES, T_CFG,
+                    dataclasses.replace(DISTILL, loss_chunk_size=64))
+  arrays.update({f"2x2x2_chunked/{k}": v for k, v in out.items()})
+  layouts["2x2x2_chunked"] = layout
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
   bf16_teacher = dataclasses.replace(T_CFG, param_dtype="bfloat16", dtype="bfloat16")
   for name, cfg in (("teacher_fsdp_f32", T_CFG), ("teacher_fsdp_bf16", bf16_teacher)):

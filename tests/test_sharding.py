@@ -19,7 +19,7 @@ from kdjax import sharding, train
 from kdjax.model import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MESHES = ("8x1x1", "2x4x1", "2x2x2", "1x1x8")
+MESHES = ("8x1x1", "2x4x1", "2x2x2", "1x1x8", "2x2x2_chunked")  # the last: fused chunked loss
 K = "param/['layers']"
 
 
