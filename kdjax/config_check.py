@@ -41,6 +41,13 @@ def _require(ok: bool, field: str, message: str) -> None:
     raise ConfigError(f"config.{field}: {message}")
 
 
+def _is_float_dtype(value: Any) -> bool:
+  try:
+    return jnp.issubdtype(jnp.dtype(value), jnp.floating)
+  except TypeError:
+    return False
+
+
 def check_model(cfg: Any, prefix: str) -> ModelConfig:
   names = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(cfg.keys()) - names)
@@ -62,11 +69,8 @@ def check_model(cfg: Any, prefix: str) -> ModelConfig:
            f"unknown {m.remat_policy!r}; use one of {REMAT_POLICIES}.")
   for field in ("dtype", "param_dtype"):
     value = getattr(m, field)
-    try:
-      ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
-    except TypeError:
-      ok = False
-    _require(ok, f"{prefix}.{field}", f"{value!r} is not a float dtype; use float32 or bfloat16.")
+    _require(_is_float_dtype(value), f"{prefix}.{field}",
+             f"{value!r} is not a float dtype; use float32 or bfloat16.")
   _require(m.logit_softcap >= 0, f"{prefix}.logit_softcap", "must be >= 0 (0 disables it).")
   return m
 
@@ -133,11 +137,7 @@ def _check_frozen_teacher(config: Any) -> None:
     return
   for field in ("dtype", "param_dtype"):
     value = frozen.get(field, "")
-    try:
-      ok = value == "" or jnp.issubdtype(jnp.dtype(value), jnp.floating)
-    except TypeError:
-      ok = False
-    _require(ok, f"frozen_teacher.{field}",
+    _require(value == "" or _is_float_dtype(value), f"frozen_teacher.{field}",
              f"{value!r} is not a float dtype; use '' (as trained), float32 or bfloat16.")
   _check_rules(frozen.get("sharding_rules", []), "frozen_teacher.sharding_rules")
 

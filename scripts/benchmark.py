@@ -49,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from kdjax import sharding, train  # noqa: E402
+from kdjax import experiment, losses, sharding, train  # noqa: E402
 from kdjax.model import ModelConfig  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
@@ -122,8 +122,7 @@ def benchmark(config) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   s_cfg = ModelConfig.from_dict(config.student)
-  t_cfg, t_rules = __import__("kdjax.experiment", fromlist=["x"]).frozen_teacher_settings(
-      config, rules)
+  t_cfg, t_rules = experiment.frozen_teacher_settings(config, rules)
   tc = config.student_train
   tx = train.make_optimizer(tc)
   state, state_sh = train.create_train_state(s_cfg, tx, config.seed, mesh, rules)
@@ -178,7 +177,6 @@ def benchmark(config) -> dict:
 
 
 def loss_row(vocab: int, chunk_size: int) -> dict:
-  from kdjax import losses
 
   length, d_s, d_t = _LENGTH.value, _S_WIDTH.value, _T_WIDTH.value
   rng = np.random.default_rng(0)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -160,7 +161,7 @@ def test_mesh_shape_fills_minus_one_and_rejects_bad_sizes():
 
 def test_activation_constraints_only_under_rules():
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  tx = train.make_optimizer(__import__("ml_collections").ConfigDict(dict(
+  tx = train.make_optimizer(ml_collections.ConfigDict(dict(
       steps=10, learning_rate=1e-3, warmup_steps=0, end_lr_fraction=1.0, weight_decay=0.0,
       grad_clip=1.0, b1=0.9, b2=0.95)))
   state, state_sh = train.create_train_state(CFG, tx, 0, mesh, sharding.DEFAULT_RULES)

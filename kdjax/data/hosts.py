@@ -32,8 +32,6 @@ def owned_streams(num_shards: int, process_index: int, process_count: int) -> ra
 
 def _allgather_json(value: Any) -> list[Any]:
   """Every process's `value`, in process order (a collective: all processes must call it)."""
-  if jax.process_count() == 1:
-    return [value]
   from jax.experimental import multihost_utils
 
   raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
@@ -66,11 +64,10 @@ class HostBatches(Iterator):
 
   def get_state(self) -> dict[str, Any]:
     """All S streams' states (gathered from every process when there are several)."""
-    streams: dict[str, Any] = {}
-    for part in (_allgather_json(self.local_state()) if self.process_count > 1
-                 else [self.local_state()]):
-      streams.update(part)
-    return {"num_shards": self.num_shards, "streams": streams}
+    local = self.local_state()
+    parts = _allgather_json(local) if self.process_count > 1 else [local]
+    return {"num_shards": self.num_shards,
+            "streams": {s: state for part in parts for s, state in part.items()}}
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state.get("num_shards") != self.num_shards:
