@@ -8,9 +8,14 @@ Shape letters: B batch, L length, T = B * L tokens, D model width, H query heads
 heads, G = H / N query heads per key/value head, K head dim, F mlp width, V vocab, S layers.
 
 Every param carries logical axis names ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
-'layers') so that shardings are derived from rules in the config, never written per parameter.
+'layers', 'positions') so that shardings are derived from rules in the config, never written per parameter.
 Attention softmax runs in float32 whatever `dtype` is; the layers run under `nn.scan`, so compile
 time does not grow with depth.
+
+The optional features (biases, q/k norms, (1 + w) norms, post-norms, scaled embeddings, query
+scaling, attention soft-capping, sliding-window layers, Llama 3 RoPE scaling, learned positions)
+cover the Llama, Mistral, Qwen2/3, Gemma 1/2 and GPT-2 families that kdjax.hf loads; every one is
+off by default.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")  # gelu is the tanh approximation
+POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -49,6 +55,24 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = True
+  # Family features (see kdjax.hf); the defaults are a plain Llama-style decoder.
+  qkv_bias: bool = False  # Qwen2, GPT-2
+  out_bias: bool = False  # GPT-2: bias on the attention output projection
+  mlp_bias: bool = False  # GPT-2
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys, before RoPE
+  norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w), w initialised at 0
+  post_norms: bool = False  # Gemma 2: also normalise the attention and MLP outputs
+  embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
+  query_scale: float = 0.0  # 0 = head_dim ** -0.5; Gemma 2: query_pre_attn_scalar ** -0.5
+  attn_softcap: float = 0.0  # 0 disables; Gemma 2 caps attention scores at 50
+  sliding_window: int = 0  # 0 = global attention; else a query sees this many positions back
+  global_every: int = 0  # with sliding_window: every n-th layer is global (Gemma 2: 2); 0 = none
+  rope_scaling: float = 0.0  # Llama 3 frequency scaling factor; 0 = none
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  position_embedding: str = "rope"  # 'rope', or 'learned' (GPT-2; max_len rows)
+  family: str = ""  # the Hugging Face model_type it came from and exports as; '' = llama
 
   @property
   def k(self) -> int:
@@ -60,6 +84,12 @@ class ModelConfig:
     d = dict(d)
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+  def is_local(self, layer: int) -> bool:
+    """Whether `layer` attends within `sliding_window` only (Gemma 2: layers 0, 2, 4, ...)."""
+    if self.sliding_window <= 0:
+      return False
+    return self.global_every <= 0 or (layer + 1) % self.global_every != 0
 
   def num_params(self) -> int:
     """Parameter count, computed from shapes without allocating anything."""
@@ -95,33 +125,57 @@ def _partitioned(init, names):
 
 
 class RMSNorm(nn.Module):
+  """RMSNorm over the last axis in float32; `plus_one` scales by (1 + w) (Gemma)."""
+
   eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  plus_one: bool = False
+  axis_name: str = "embed"
 
   @nn.compact
   def __call__(self, x_BxLxD):
-    scale_D = self.param("scale", _partitioned(nn.initializers.ones, ("embed",)),
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale_D = self.param("scale", _partitioned(init, (self.axis_name,)),
                          (x_BxLxD.shape[-1],), self.param_dtype)
     x = x_BxLxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     scale = scale_D.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return (x * scale).astype(self.dtype)
+    return (x * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
   dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
   if cfg.norm == "rmsnorm":
-    return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
+                   plus_one=cfg.norm_plus_one, name=name)
   return nn.LayerNorm(
       epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
       scale_init=_partitioned(nn.initializers.ones, ("embed",)),
       bias_init=_partitioned(nn.initializers.zeros, ("embed",)))
 
 
-def rope_tables(positions_BxL, head_dim: int, theta: float):
+def rope_frequencies(cfg: ModelConfig):
+  """inv_freq_K2, with Llama 3's scaling when `cfg.rope_scaling` > 0: wavelengths longer than
+  original_max_len / low_freq_factor slow down by the factor, shorter than original_max_len /
+  high_freq_factor stay, and those between blend smoothly."""
+  k = cfg.k
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+  if cfg.rope_scaling <= 0:
+    return inv_freq
+  factor, low, high = cfg.rope_scaling, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > cfg.rope_original_max_len / low, inv_freq / factor, inv_freq)
+  smooth = (cfg.rope_original_max_len / wavelen - low) / (high - low)
+  blended = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= cfg.rope_original_max_len / high) & (
+      wavelen <= cfg.rope_original_max_len / low)
+  return jnp.where(medium, blended, scaled)
+
+
+def rope_tables(positions_BxL, inv_freq_K2):
   """cos and sin, each BxLx(K/2), in float32 (the rotate-half convention)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  inv_freq = inv_freq_K2
   angles_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   return jnp.cos(angles_BxLxK2), jnp.sin(angles_BxLxK2)
 
@@ -142,19 +196,46 @@ def attention_mask(segment_ids_BxL):
   return causal_LxL[None] & same_doc_BxLxL
 
 
+def local_mask(mask_BxLxL, positions_BxL, window: int):
+  """`mask_BxLxL` narrowed to keys fewer than `window` positions behind the query."""
+  behind_BxLxL = positions_BxL[:, :, None] - positions_BxL[:, None, :]
+  return mask_BxLxL & (behind_BxLxL < window)
+
+
+def _softcapped_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask_BxLxL, scale, cap):
+  """Attention with scores capped at +-cap by cap * tanh(s / cap) (Gemma 2), in float32."""
+  b, l, h, kd = q_BxLxHxK.shape
+  n = k_BxLxNxK.shape[2]
+  q_BxLxNxGxK = q_BxLxHxK.reshape(b, l, n, h // n, kd).astype(jnp.float32)
+  s_BxNxGxLxL = jnp.einsum("bqngk,bsnk->bngqs", q_BxLxNxGxK,
+                           k_BxLxNxK.astype(jnp.float32)) * scale
+  s_BxNxGxLxL = cap * jnp.tanh(s_BxNxGxLxL / cap)
+  s_BxNxGxLxL = jnp.where(mask_BxLxL[:, None, None], s_BxNxGxLxL,
+                          jnp.finfo(jnp.float32).min)
+  p_BxNxGxLxL = jax.nn.softmax(s_BxNxGxLxL, axis=-1)
+  out = jnp.einsum("bngqs,bsnk->bqngk", p_BxNxGxLxL, v_BxLxNxK.astype(jnp.float32))
+  return out.reshape(b, l, h, kd).astype(q_BxLxHxK.dtype)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2):
+    """`cos`/`sin` are None for learned positions (no rotation)."""
     cfg = self.cfg
     h, n, k = cfg.num_heads, cfg.num_kv_heads, cfg.k
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
     def proj(heads, name, axis_name):
       return nn.DenseGeneral(
-          (heads, k), use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-          kernel_init=_partitioned(_dense_init(), ("embed", axis_name, "head_dim")))
+          (heads, k), use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+          kernel_init=_partitioned(_dense_init(), ("embed", axis_name, "head_dim")),
+          bias_init=_partitioned(nn.initializers.zeros, (axis_name, "head_dim")))
+
+    def qk_norm(name):
+      return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
+                     plus_one=cfg.norm_plus_one, axis_name="head_dim", name=name)
 
     # Projections on tokens flattened to one axis (see Mlp), reshaped back for attention.
     b, l, d = x_BxLxD.shape
@@ -162,19 +243,33 @@ class Attention(nn.Module):
     q_BxLxHxK = proj(h, "query", "heads")(x_TxD).reshape(b, l, h, k)
     k_BxLxNxK = proj(n, "key", "kv_heads")(x_TxD).reshape(b, l, n, k)
     v_BxLxNxK = proj(n, "value", "kv_heads")(x_TxD).reshape(b, l, n, k)
-    q_BxLxHxK = apply_rope(q_BxLxHxK, cos_BxLxK2, sin_BxLxK2)
-    k_BxLxNxK = apply_rope(k_BxLxNxK, cos_BxLxK2, sin_BxLxK2)
+    if cfg.qk_norm:
+      q_BxLxHxK = qk_norm("q_norm")(q_BxLxHxK)
+      k_BxLxNxK = qk_norm("k_norm")(k_BxLxNxK)
+    if cos_BxLxK2 is not None:
+      q_BxLxHxK = apply_rope(q_BxLxHxK, cos_BxLxK2, sin_BxLxK2)
+      k_BxLxNxK = apply_rope(k_BxLxNxK, cos_BxLxK2, sin_BxLxK2)
 
     # Grouped-query attention (query heads g*G .. g*G+G-1 share key/value head g), scores and
     # softmax in float32, masked scores at finfo.min (so exp gives exactly 0). JAX's fused
     # attention: cuDNN's kernel on GPU where it applies, XLA's elsewhere (2x faster on CPU than
     # the plain einsums it replaces).
-    out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask=mask_BxLxL[:, None], scale=k ** -0.5)
+    scale = cfg.query_scale or k ** -0.5
+    if cfg.attn_softcap > 0:  # the fused kernel has no soft-cap
+      out_BxLxHxK = _softcapped_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask_BxLxL, scale,
+                                          cfg.attn_softcap)
+    else:
+      out_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask=mask_BxLxL[:, None], scale=scale)
     out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+    # Mean square of each head's output, for width pruning (kdjax.prune); a no-op unless the
+    # 'intermediates' collection is mutable.
+    self.sow("intermediates", "head_sq_H",
+             jnp.mean(jnp.square(out_BxLxHxK.astype(jnp.float32)), axis=(0, 1, 3)))
     return nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=param_dtype,
+        cfg.d_model, axis=(-2, -1), use_bias=cfg.out_bias, dtype=dtype, param_dtype=param_dtype,
         name="out", kernel_init=_partitioned(_dense_init(), ("heads", "head_dim", "embed")),
+        bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
     )(out_BxLxHxK.reshape(b * l, h, k)).reshape(b, l, d)
 
 
@@ -187,8 +282,9 @@ class Mlp(nn.Module):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
     def dense(features, name, names):
-      return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                      kernel_init=_partitioned(_dense_init(), names))
+      return nn.Dense(features, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype,
+                      name=name, kernel_init=_partitioned(_dense_init(), names),
+                      bias_init=_partitioned(nn.initializers.zeros, names[1:]))
 
     # Tokens flattened to one axis (T = B * L, batch-major, so 'batch' sharding carries over):
     # plain 2-D matmuls, whose backward XLA:CPU runs about 30% faster than the 3-D form's.
@@ -202,6 +298,7 @@ class Mlp(nn.Module):
       act = jax.nn.gelu if cfg.activation == "gelu" else jax.nn.relu
       h_TxF = act(dense(cfg.mlp_dim, "up", ("embed", "mlp"))(x_TxD))
     h_TxF = nn.with_logical_constraint(h_TxF, ("batch", "mlp"))
+    self.sow("intermediates", "neuron_sq_F", jnp.mean(jnp.square(h_TxF.astype(jnp.float32)), 0))
     return dense(cfg.d_model, "down", ("mlp", "embed"))(h_TxF).reshape(b, l, d)
 
 
@@ -215,10 +312,20 @@ class Block(nn.Module):
   return_hidden: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2):
-    x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(
-        make_norm(self.cfg, "attn_norm")(x_BxLxD), mask_BxLxL, cos_BxLxK2, sin_BxLxK2)
-    x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(x_BxLxD))
+  def __call__(self, x_BxLxD, mask_BxLxL, local_mask_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local):
+    """`is_local` (a scanned bool per layer) picks `local_mask_BxLxL` over `mask_BxLxL`."""
+    cfg = self.cfg
+    if local_mask_BxLxL is not None:
+      mask_BxLxL = jnp.where(is_local, local_mask_BxLxL, mask_BxLxL)
+    y_BxLxD = Attention(cfg, name="attn")(
+        make_norm(cfg, "attn_norm")(x_BxLxD), mask_BxLxL, cos_BxLxK2, sin_BxLxK2)
+    if cfg.post_norms:
+      y_BxLxD = make_norm(cfg, "post_attn_norm")(y_BxLxD)
+    x_BxLxD = x_BxLxD + y_BxLxD
+    y_BxLxD = Mlp(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxLxD))
+    if cfg.post_norms:
+      y_BxLxD = make_norm(cfg, "post_mlp_norm")(y_BxLxD)
+    x_BxLxD = x_BxLxD + y_BxLxD
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     return x_BxLxD, (x_BxLxD if self.return_hidden else None)
 
@@ -273,22 +380,36 @@ class Transformer(nn.Module):
         embedding_init=_partitioned(nn.initializers.normal(stddev=cfg.d_model ** -0.5),
                                     ("vocab", "embed")))
     x_BxLxD = embed(tokens_BxL)
+    if cfg.embed_scale:  # Gemma rounds sqrt(d_model) to the compute dtype first
+      x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, dtype)
+    if cfg.position_embedding == "learned":
+      x_BxLxD = x_BxLxD + Embed(
+          cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=param_dtype, name="pos_embed",
+          embedding_init=_partitioned(nn.initializers.normal(stddev=0.01),
+                                      ("positions", "embed")))(positions_BxL)
+      cos_BxLxK2 = sin_BxLxK2 = None
+    else:
+      cos_BxLxK2, sin_BxLxK2 = rope_tables(positions_BxL, rope_frequencies(cfg))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     mask_BxLxL = attention_mask(segment_ids_BxL)
-    cos_BxLxK2, sin_BxLxK2 = rope_tables(positions_BxL, cfg.k, cfg.rope_theta)
+    local_BxLxL = (local_mask(mask_BxLxL, positions_BxL, cfg.sliding_window)
+                   if cfg.sliding_window > 0 else None)
+    is_local_S = jnp.array([cfg.is_local(i) for i in range(cfg.num_layers)])
 
     block = _remat(Block, cfg)
     if cfg.scan_layers:
       layers = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+          length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, return_hidden, name="layers")
-      x_BxLxD, hidden_SxBxLxD = layers(x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2)
+      x_BxLxD, hidden_SxBxLxD = layers(x_BxLxD, mask_BxLxL, local_BxLxL, cos_BxLxK2,
+                                       sin_BxLxK2, is_local_S)
     else:
       hidden = []
       for i in range(cfg.num_layers):
         x_BxLxD, _ = block(cfg, return_hidden, name=f"layer_{i}")(
-            x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2)
+            x_BxLxD, mask_BxLxL, local_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local_S[i])
         hidden.append(x_BxLxD)
       hidden_SxBxLxD = jnp.stack(hidden) if return_hidden else None
 
