@@ -26,7 +26,11 @@ def _model(vocab_size, *, d_model, num_layers, num_heads, num_kv_heads, mlp_dim,
       num_kv_heads=num_kv_heads, head_dim=0, mlp_dim=mlp_dim, max_len=max_len,
       activation="swiglu", norm="rmsnorm", norm_eps=1e-6, rope_theta=10_000.0,
       tie_embeddings=True, logit_softcap=0.0, dtype="float32", param_dtype="float32",
-      remat_policy="none", scan_layers=True))
+      remat_policy="none", scan_layers=True, qkv_bias=False, out_bias=False, mlp_bias=False,
+      qk_norm=False, norm_plus_one=False, post_norms=False, embed_scale=False, query_scale=0.0,
+      attn_softcap=0.0, sliding_window=0, global_every=0, rope_scaling=0.0,
+      rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+      position_embedding="rope", family=""))
 
 
 def _train(*, steps, learning_rate, warmup_steps):
@@ -76,6 +80,13 @@ def get_config(arg=None):
   config.student_train = _train(steps=250, learning_rate=3e-3, warmup_steps=25)
   # An existing teacher phase's checkpoints folder to distill from; '' = <workdir>/teacher.
   config.teacher_checkpoint = ""
+  # A Hugging Face model directory (config.json + *.safetensors) to distill from instead; it
+  # must fit config.teacher (kdjax.hf.model_config(dir) gives the fields).
+  config.teacher_hf = ""
+  # A Hugging Face model directory whose params start both students (e.g. one that
+  # scripts/prune.py cut from the teacher); '' = random init from the seed. It must fit
+  # config.student.
+  config.student_init = ""
 
   config.distill = ml_collections.ConfigDict(dict(
       loss="forward_kl",  # forward_kl, reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, tvd

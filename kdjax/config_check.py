@@ -8,12 +8,13 @@ already refused by ml_collections' locked config at flag parsing.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import jax.numpy as jnp
 
 from kdjax import losses, sharding
-from kdjax.model import ACTIVATIONS, NORMS, REMAT_POLICIES, ModelConfig
+from kdjax.model import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, ModelConfig
 
 MODES = ("experiment", "teacher", "distill", "scratch", "eval")
 
@@ -71,7 +72,14 @@ def check_model(cfg: Any, prefix: str) -> ModelConfig:
     value = getattr(m, field)
     _require(_is_float_dtype(value), f"{prefix}.{field}",
              f"{value!r} is not a float dtype; use float32 or bfloat16.")
-  _require(m.logit_softcap >= 0, f"{prefix}.logit_softcap", "must be >= 0 (0 disables it).")
+  for field in ("logit_softcap", "attn_softcap", "query_scale", "sliding_window", "global_every",
+                "rope_scaling"):
+    _require(getattr(m, field) >= 0, f"{prefix}.{field}", "must be >= 0 (0 disables it).")
+  _require(m.position_embedding in POSITION_EMBEDDINGS, f"{prefix}.position_embedding",
+           f"unknown {m.position_embedding!r}; use one of {POSITION_EMBEDDINGS}.")
+  _require(m.rope_scaling == 0 or m.rope_high_freq_factor > m.rope_low_freq_factor,
+           f"{prefix}.rope_high_freq_factor",
+           "must be above rope_low_freq_factor (Llama 3 uses 4 and 1).")
   return m
 
 
@@ -172,12 +180,18 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
   teacher = check_model(config.teacher, "teacher")
   student = check_model(config.student, "student")
   data = config.data
-  _require(teacher.vocab_size == student.vocab_size, "student.vocab_size",
-           f"{student.vocab_size} differs from teacher.vocab_size={teacher.vocab_size}; "
-           "teacher and student must share one tokenizer.")
-  _require(teacher.vocab_size == data.vocab_size, "data.vocab_size",
-           f"{data.vocab_size} differs from the models' vocab_size={teacher.vocab_size}; "
-           "set them equal (the tokenizer is trained with data.vocab_size).")
+  # Vocabularies may differ by padding rows only: every tokenizer id must index both models.
+  _require(data.vocab_size <= teacher.vocab_size, "data.vocab_size",
+           f"{data.vocab_size} is above teacher.vocab_size={teacher.vocab_size}; set it to the "
+           "tokenizer's size (a trained tokenizer gets data.vocab_size ids).")
+  _require(data.vocab_size <= student.vocab_size, "student.vocab_size",
+           f"{student.vocab_size} is below the tokenizer's {data.vocab_size} ids "
+           f"(data.vocab_size); teacher and student must share one tokenizer.")
+  if teacher.vocab_size != student.vocab_size:
+    print(f"kdjax: teacher.vocab_size={teacher.vocab_size} and student.vocab_size="
+          f"{student.vocab_size} differ by padding rows past the tokenizer's {data.vocab_size} "
+          f"ids; the loss compares the first {min(teacher.vocab_size, student.vocab_size)}.",
+          file=sys.stderr)
   for name, m in (("teacher", teacher), ("student", student)):
     _require(data.seq_len <= m.max_len, "data.seq_len",
              f"{data.seq_len} is above {name}.max_len={m.max_len}; lower seq_len or raise max_len.")

@@ -62,6 +62,7 @@ def make_eval_step(cfg: ModelConfig, t_cfg: ModelConfig, rules=None, t_rules=Non
   def eval_step(params, t_params, batch):
     logits_BxLxV = _apply(model, params, batch, rules)
     t_logits_BxLxV = _apply(t_model, t_params, batch, t_rules)
+    logits_BxLxV, t_logits_BxLxV = losses.shared_vocab(logits_BxLxV, t_logits_BxLxV)
     targets, mask = batch["targets"], batch["mask"]
     n = jnp.sum(mask)
     means = {

@@ -113,6 +113,17 @@ def _soft_per_token(name: str, s_logits_BxLxV: Array, t_logits_BxLxV: Array, *,
   raise ValueError(f"unknown divergence {name!r}")
 
 
+def shared_vocab(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """Each array cut to the smallest last axis among them (a no-op when they agree).
+
+  Teacher and student share one tokenizer, but their vocabularies may be padded to different
+  sizes (Qwen2.5: 152064 vs 151936 rows): rows past the tokenizer never hold a target, so
+  divergences compare the shared rows only. config_check refuses a tokenizer larger than that.
+  """
+  v = min(a.shape[-1] for a in arrays)
+  return tuple(a[..., :v] for a in arrays)
+
+
 def cross_entropy(logits_BxLxV: Array, labels_BxL: Array, mask_BxL: Array) -> Array:
   """Mean next-token cross-entropy -log p(label) over unmasked tokens (no temperature)."""
   return _masked_mean(_ce_per_token(logits_BxLxV, labels_BxL), mask_BxL)

@@ -157,8 +157,10 @@ def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None
       t_hidden_BxLxD, t_unembed_DxV = t_out
       with sharding.activation_rules(rules):
         s_hidden_BxLxD = _forward(s_model, params, batch, final_hidden=True)
+      s_unembed_DxV, t_unembed_DxV = losses.shared_vocab(unembedding(s_cfg, params),
+                                                         t_unembed_DxV)
       return losses.chunked_distillation_loss(
-          s_hidden_BxLxD, unembedding(s_cfg, params), t_hidden_BxLxD, t_unembed_DxV,
+          s_hidden_BxLxD, s_unembed_DxV, t_hidden_BxLxD, t_unembed_DxV,
           batch["targets"], batch["mask"], loss=distill.loss, temperature=distill.temperature,
           alpha=distill.alpha, beta=distill.beta, skew=distill.skew,
           chunk_size=distill.loss_chunk_size, s_logit_softcap=s_cfg.logit_softcap,
@@ -169,6 +171,7 @@ def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None
     if t_logits_BxLxV is None:
       ce = losses.cross_entropy(s_logits_BxLxV, batch["targets"], batch["mask"])
       return ce, {"loss": ce, "hard_loss": ce, "num_tokens": jnp.sum(batch["mask"])}
+    s_logits_BxLxV, t_logits_BxLxV = losses.shared_vocab(s_logits_BxLxV, t_logits_BxLxV)
     return losses.distillation_loss(
         s_logits_BxLxV, t_logits_BxLxV, batch["targets"], batch["mask"], loss=distill.loss,
         temperature=distill.temperature, alpha=distill.alpha, beta=distill.beta,

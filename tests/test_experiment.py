@@ -194,7 +194,7 @@ def test_bad_input_is_one_clear_line_and_leaves_workdir_alone(tmp_path, override
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("student.vocab_size", 1000, "must share one tokenizer"),
+    ("student.vocab_size", 256, "must share one tokenizer"),
     ("data.vocab_size", 1000, "data.vocab_size"),
     ("data.batch_size", 6, "data.batch_size"),
     ("data.num_shards", 1, "not a multiple of the 2 processes"),
