@@ -144,6 +144,19 @@ def saved_config(directory: str) -> dict | None:
   return config
 
 
+def save_params(directory: str, params: Any, config: dict, step: int = 0) -> None:
+  """Writes params and a config (say, {'teacher': ModelConfig fields}) as a checkpoint that
+  `load_params`, `saved_config` and so config.teacher_checkpoint read; refuses to overwrite."""
+  if os.path.exists(directory) and os.listdir(directory):
+    raise FileExistsError(f"{directory} is not empty; choose a new directory.")
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS,
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                             config=ocp.args.JsonSave(config)))
+  manager.wait_until_finished()
+  manager.close()
+
+
 def load_params(directory: str, params_like: Any, shardings: Any, step: int | None = None):
   """Restores only the params of the latest (or given) checkpoint under `directory`.
 

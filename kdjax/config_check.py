@@ -24,8 +24,9 @@ MODES = ("experiment", "teacher", "distill", "scratch", "eval")
 PHASE_FIELDS = {
     "teacher": ("seed", "data", "teacher", "teacher_train"),
     "distilled": ("seed", "data", "student", "student_train", "distill", "teacher",
-                  "teacher_train", "teacher_checkpoint", "frozen_teacher"),
-    "scratch": ("seed", "data", "student", "student_train"),
+                  "teacher_train", "teacher_checkpoint", "teacher_hf", "frozen_teacher",
+                  "student_init"),
+    "scratch": ("seed", "data", "student", "student_train", "student_init"),
 }
 _NON_MATH_DATA = {"data.data_dir", "data.archive", "data.eval_split", "data.eval_batch_size",
                   "data.eval_batches", "data.val_split", "data.val_batches"}
@@ -116,6 +117,12 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None:
   """Refuses to resume `phase` from `directory` if a field that alters its math changed."""
   old, new = flatten(saved), flatten(current)
+  for section in ("teacher", "student"):  # runs saved before a model field existed had its default
+    if section in saved:
+      for f in dataclasses.fields(ModelConfig):
+        old.setdefault(f"{section}.{f.name}", f.default)
+  for key in ("teacher_hf", "student_init"):
+    old.setdefault(key, "")
   changed = []
   for key in sorted(set(old) | set(new)):
     if key.split(".")[0] in PHASE_FIELDS[phase] and key not in _NON_MATH_DATA:

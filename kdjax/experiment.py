@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from kdjax import checkpoint, config_check, evaluate, loop, sample, sharding, train
+from kdjax import checkpoint, config_check, evaluate, hf, loop, sample, sharding, train
 from kdjax.data import hosts, pipeline, shakespeare
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig
@@ -96,8 +96,43 @@ def _tokenizer(d: Any, root: str, train_source) -> tokenizer_lib.Tokenizer:
         f"({' '.join(str(e).split())[:120]}); replace it, or delete it to retrain.") from None
 
 
+# Fields that placement and numerics may change freely: the rest decide a model's math.
+_FREE_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "family")
+
+
+def _misfit(want: ModelConfig, have: ModelConfig) -> list[str]:
+  return [f"{f.name}: {getattr(have, f.name)!r} -> {getattr(want, f.name)!r}"
+          for f in dataclasses.fields(ModelConfig)
+          if f.name not in _FREE_MODEL_FIELDS and getattr(want, f.name) != getattr(have, f.name)]
+
+
+def _check_hf_model(config: Any, field: str, section: str) -> None:
+  """config[field], a Hugging Face model directory, exists and fits config[section]."""
+  path = config[field]
+  try:
+    have = hf.model_config(path)
+  except (hf.HFError, KeyError) as e:
+    raise config_check.ConfigError(
+        f"config.{field}: {path} is not a readable Hugging Face model directory ({e}); point it "
+        "at a folder with config.json and *.safetensors.") from None
+  changed = _misfit(ModelConfig.from_dict(config[section]), have)
+  if changed:
+    raise config_check.ConfigError(
+        f"config.{section}: does not fit the model in {path} ({'; '.join(changed)}); set "
+        f"config.{section} to kdjax.hf.model_config('{path}').")
+
+
 def check_teacher_checkpoint(config: Any, workdir: str, phases: tuple[str, ...]) -> None:
-  """A teacher that distillation or evaluation will load must exist and fit config.teacher."""
+  """A teacher that distillation or evaluation will load must exist and fit config.teacher;
+  so must a student_init."""
+  if config.get("student_init") and set(phases) & {"distilled", "scratch"}:
+    _check_hf_model(config, "student_init", "student")
+  if config.get("teacher_hf"):
+    if config.teacher_checkpoint:
+      raise config_check.ConfigError(
+          "config.teacher_hf: set either teacher_hf or teacher_checkpoint, not both.")
+    _check_hf_model(config, "teacher_hf", "teacher")
+    return
   if config.teacher_checkpoint:
     directory = config.teacher_checkpoint
   elif "teacher" not in phases and (set(phases) & {"distilled"} or config.mode == "eval"):
@@ -110,11 +145,8 @@ def check_teacher_checkpoint(config: Any, workdir: str, phases: tuple[str, ...])
     raise config_check.ConfigError(
         f"config.{field}: no readable teacher checkpoint under {directory}; train the teacher "
         "first (mode=teacher or experiment) or point config.teacher_checkpoint at one.")
-  old = config_check.flatten(saved.get("teacher", {}))
-  new = config_check.flatten(json.loads(config.teacher.to_json()))
-  shape_fields = [f.name for f in dataclasses.fields(ModelConfig)
-                  if f.name not in ("dtype", "param_dtype", "remat_policy")]
-  changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in shape_fields if old.get(k) != new.get(k)]
+  changed = _misfit(ModelConfig.from_dict(config.teacher),
+                    ModelConfig.from_dict(saved.get("teacher", {})))
   if changed:
     raise config_check.ConfigError(
         f"config.teacher: does not fit the teacher checkpoint in {directory} "
@@ -153,6 +185,9 @@ def frozen_teacher_settings(config: Any, rules) -> tuple[ModelConfig, sharding.R
 
 def load_teacher(config: Any, workdir: str, mesh, rules) -> loop.Teacher:
   t_cfg, t_rules = frozen_teacher_settings(config, rules)
+  if config.get("teacher_hf"):  # read-only, straight into the frozen teacher's shardings
+    return loop.Teacher(t_cfg, hf.load_params(config.teacher_hf, t_cfg, mesh, t_rules),
+                        train.param_shardings(t_cfg, mesh, t_rules), rules=t_rules)
   directory = config.teacher_checkpoint or os.path.join(workdir, "teacher", "checkpoints")
   return loop.Teacher(t_cfg, *load_params(t_cfg, directory, mesh, t_rules), rules=t_rules)
 
@@ -171,7 +206,9 @@ def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) ->
                           make_train_iter=lambda: data.make_train_iter(config.seed), **common)
   # Both students: the same init seed and the same batches.
   s_cfg = ModelConfig.from_dict(config.student)
+  init = config.get("student_init")
   student = dict(model_cfg=s_cfg, train_cfg=config.student_train, seed=config.seed + 1,
+                 init_params=(lambda: hf.load_params(init, s_cfg, mesh, rules)) if init else None,
                  make_train_iter=lambda: data.make_train_iter(config.seed + 1),
                  val_loss_fn=lambda p: evaluate.held_out_loss(s_cfg, p, data.val_batches,
                                                               placement))
@@ -231,8 +268,9 @@ def evaluate_phases(config: Any, workdir: str, data: Data, teacher: loop.Teacher
 def phases_to_run(config: Any) -> tuple[str, ...]:
   phases = {"experiment": PHASES, "eval": (), "teacher": ("teacher",),
             "distill": ("distilled",), "scratch": ("scratch",)}[config.mode]
-  # A given teacher checkpoint replaces training one.
-  return tuple(p for p in phases if not (p == "teacher" and config.teacher_checkpoint))
+  # A given teacher (a checkpoint or a Hugging Face model) replaces training one.
+  given = config.teacher_checkpoint or config.get("teacher_hf")
+  return tuple(p for p in phases if not (p == "teacher" and given))
 
 
 def check_resumable(config: Any, workdir: str, phases: tuple[str, ...]) -> None:

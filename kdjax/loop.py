@@ -98,6 +98,7 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
               nonfinite_patience: int, teacher: Teacher | None = None,
               distill: train.DistillSettings | None = None,
               val_loss_fn: Callable[[Any], float] | None = None,
+              init_params: Callable[[], Any] | None = None,
               show_progress: bool = True) -> PhaseResult:
   """Trains `model_cfg` for `train_cfg.steps`, resuming from the phase's latest checkpoint.
 
@@ -105,6 +106,8 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
   `nonfinite_patience` consecutive skipped (non-finite) steps, leaving the last checkpoint intact.
   `val_loss_fn(params)`, if given, is evaluated at each checkpoint: it decides which checkpoint is
   kept as the best and is logged as `val_loss` in that step's metrics row.
+  `init_params()`, if given, replaces the seed's random params at step 0 (e.g. a student pruned
+  from the teacher); it must return them in the state's shardings and dtype.
   """
   tx = train.make_optimizer(train_cfg)
   schedule = train.make_schedule(train_cfg)
@@ -114,6 +117,8 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
   data_iter = make_train_iter()
   restored = ckpts.restore_latest_valid(state, state_shardings)
   start = 0
+  if restored is None and init_params is not None:
+    state = state.replace(params=init_params())
   if restored is not None:
     start, state, data_state = restored
     data_iter.set_state(data_state)

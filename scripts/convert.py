@@ -1,0 +1,95 @@
+"""Converts between Hugging Face model directories and kdjax (orbax) checkpoints.
+
+  # HF -> orbax: a teacher checkpoint for config.teacher_checkpoint (restores sharded, fast)
+  python scripts/convert.py --hf_to_orbax --src=/models/Qwen2.5-7B --dst=ckpt/qwen7b \
+      --param_dtype=bfloat16
+  # orbax -> HF: a distilled student for transformers, vLLM, llama.cpp's converter, ...
+  python scripts/convert.py --orbax_to_hf --src=runs/qwen/distilled/checkpoints \
+      --dst=export/student --model=student --tokenizer=/models/Qwen2.5-7B
+
+--src is only read. --dst must be new or empty. For orbax -> HF, --src is a kdjax phase's
+checkpoints folder (or one --hf_to_orbax wrote); the model is the run config's --model field
+(student or teacher), exported as its ModelConfig.family ('' = llama) unless --family is given.
+Params are placed FSDP-sharded over every device, then written one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kdjax  # noqa: E402,F401  (XLA flags before JAX starts)
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from kdjax import checkpoint, hf, sharding, train  # noqa: E402
+from kdjax.model import ModelConfig  # noqa: E402
+
+_HF_TO_ORBAX = flags.DEFINE_bool("hf_to_orbax", False, "Hugging Face dir -> kdjax checkpoint.")
+_ORBAX_TO_HF = flags.DEFINE_bool("orbax_to_hf", False, "kdjax checkpoint -> Hugging Face dir.")
+_SRC = flags.DEFINE_string("src", None, "What to convert (only read).")
+_DST = flags.DEFINE_string("dst", None, "Where to write (new or empty).")
+_MODEL = flags.DEFINE_string("model", "student", "orbax -> HF: the run config's model field.")
+_FAMILY = flags.DEFINE_string("family", "", f"orbax -> HF: one of {hf.FAMILIES}; '' = the "
+                              "model's own ModelConfig.family (or llama).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "orbax -> HF: copy this dir's tokenizer files.")
+_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "", "Store params in this dtype ('' keeps "
+                                   "the source's).")
+
+
+def _mesh():
+  # FSDP over every local device: each holds a slice, so models larger than one device convert.
+  return sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+
+
+def hf_to_orbax(src: str, dst: str, param_dtype: str) -> ModelConfig:
+  mesh = _mesh()
+  cfg, params = hf.load_pretrained(src, param_dtype=param_dtype or None, mesh=mesh,
+                                   rules=sharding.DEFAULT_RULES)
+  checkpoint.save_params(dst, params, {"teacher": dataclasses.asdict(cfg),
+                                       "student": dataclasses.asdict(cfg), "source": src})
+  return cfg
+
+
+def orbax_to_hf(src: str, dst: str, model: str, family: str, tokenizer: str,
+                param_dtype: str) -> ModelConfig:
+  saved = checkpoint.saved_config(src)
+  if saved is None or model not in saved:
+    raise SystemExit(f"--src: {src} holds no kdjax checkpoint with a {model!r} model; point it "
+                     "at a phase's checkpoints folder.")
+  cfg = ModelConfig.from_dict(saved[model])
+  if family:
+    cfg = dataclasses.replace(cfg, family=family)
+  mesh = _mesh()
+  shardings = train.param_shardings(cfg, mesh, sharding.DEFAULT_RULES)
+  like = jax.eval_shape(lambda: train.init_params(cfg, jax.random.key(0), mesh,
+                                                  sharding.DEFAULT_RULES))
+  params, _ = checkpoint.load_params(src, like, shardings)
+  hf.save_pretrained(dst, cfg, params, tokenizer_dir=tokenizer or None,
+                     dtype=param_dtype or None)
+  return cfg
+
+
+def main(argv):
+  del argv
+  if _HF_TO_ORBAX.value == _ORBAX_TO_HF.value or not (_SRC.value and _DST.value):
+    raise app.UsageError("give exactly one of --hf_to_orbax / --orbax_to_hf, and --src, --dst.")
+  if os.path.exists(_DST.value) and os.listdir(_DST.value):
+    raise SystemExit(f"--dst: {_DST.value} is not empty; choose a new directory.")
+  try:
+    if _HF_TO_ORBAX.value:
+      cfg = hf_to_orbax(_SRC.value, _DST.value, _PARAM_DTYPE.value)
+    else:
+      cfg = orbax_to_hf(_SRC.value, _DST.value, _MODEL.value, _FAMILY.value, _TOKENIZER.value,
+                        _PARAM_DTYPE.value)
+  except (hf.HFError, FileExistsError) as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"wrote {_DST.value}: {cfg.family or 'llama'}, {cfg.num_params():,d} params, "
+        f"{cfg.param_dtype}")
+
+
+if __name__ == "__main__":
+  app.run(main)
