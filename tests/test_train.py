@@ -1,6 +1,7 @@
 """The distillation step: teacher is a constant, the step compiles once, accumulation is exact."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -190,3 +191,28 @@ def test_weight_decay_spares_vectors(mesh):
   for path, u in flat:
     decayed = bool(np.any(np.asarray(u) != 0))
     assert decayed == (u.ndim > 1), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_teacher_vocab_padding_rows_change_nothing(teacher_params, mesh, chunk):
+  # A teacher whose vocabulary has 8 extra (padding) rows, with arbitrary values, distils exactly
+  # as the same teacher without them: the loss compares the shared rows only.
+  padded_cfg = dataclasses.replace(T_CFG, vocab_size=T_CFG.vocab_size + 8)
+  padded = jax.tree.map(lambda x: x, teacher_params)
+  extra = 5.0 * jax.random.normal(jax.random.key(3), (8, T_CFG.d_model))
+  padded["embed"]["embedding"] = jnp.concatenate([teacher_params["embed"]["embedding"], extra])
+  distill = dataclasses.replace(DISTILL, loss_chunk_size=chunk)
+  s_params = train.init_params(S_CFG, jax.random.key(0), mesh, sharding.DEFAULT_RULES)
+  batch = jax.tree.map(jnp.asarray, _batch())
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def loss_and_grad(t_cfg, t_params):
+    t_out = train.make_teacher_forward(t_cfg, final_hidden=chunk > 0)(t_params, batch)
+    loss_fn = train.make_student_loss(S_CFG, distill)
+    return jax.value_and_grad(loss_fn, has_aux=True)(s_params, batch, t_out)
+
+  (loss, metrics), grads = loss_and_grad(T_CFG, teacher_params)
+  (loss_p, metrics_p), grads_p = loss_and_grad(padded_cfg, padded)
+  assert padded_cfg.vocab_size > S_CFG.vocab_size
+  np.testing.assert_array_equal(loss_p, loss)
+  jax.tree.map(np.testing.assert_array_equal, grads_p, grads)
