@@ -215,3 +215,35 @@ def test_a_family_that_cannot_express_the_model_is_refused():
   cfg = ModelConfig(family="llama", attn_softcap=50.0)
   with pytest.raises(hf.HFError, match="attn_softcap"):
     hf.hf_config(cfg)
+
+
+_SHARDED_LOAD = """
+import sys
+import kdjax, jax, numpy as np
+from kdjax import hf, sharding, train
+path = sys.argv[1]
+mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+cfg, params = hf.load_pretrained(path, mesh=mesh, rules=sharding.DEFAULT_RULES)
+want = train.param_shardings(cfg, mesh, sharding.DEFAULT_RULES)
+_, single = hf.load_pretrained(path)
+split = 0
+for x, s, y in zip(jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(single)):
+  assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
+  np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  split += x.addressable_shards[0].data.size < x.size
+assert split >= 5, split  # most params really are split across devices
+print("ok", split)
+"""
+
+
+def test_loads_straight_into_a_sharded_layout(saved):
+  # 8 CPU devices need a fresh process (the device count is fixed when JAX starts).
+  import subprocess
+  import sys
+  path, _ = saved["qwen3"]
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                                    " --xla_force_host_platform_device_count=8"))
+  out = subprocess.run([sys.executable, "-c", _SHARDED_LOAD, path], env=env, capture_output=True,
+                       text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
