@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from kdjax import checkpoint, config_check, evaluate, hf, loop, sample, sharding, train
-from kdjax.data import hosts, pipeline, shakespeare
+from kdjax.data import hf_tokenizer, hosts, pipeline, shakespeare
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig
 
@@ -27,7 +27,7 @@ PHASES = ("teacher", "distilled", "scratch")
 
 @dataclasses.dataclass
 class Data:
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: tokenizer_lib.TextTokenizer
   make_train_iter: Callable[[int], Iterator]  # seed -> endless batches with get/set_state
   eval_batches: list[dict[str, np.ndarray]]
   val_batches: list[dict[str, np.ndarray]]  # held-out batches that choose the best checkpoint
@@ -47,6 +47,7 @@ def prepare_data(config: Any) -> Data:
   train_source = _split(d, "train_split", root)
   eval_source = _split(d, "eval_split", root)
   tok = _tokenizer(d, root, train_source)
+  check_vocab(config, tok.vocab_size)
   num_shards = int(d.get("num_shards", 1))
 
   def make_train_iter(seed: int):
@@ -64,6 +65,16 @@ def prepare_data(config: Any) -> Data:
   return Data(tok, make_train_iter, evals, vals, d.batch_size * d.seq_len)
 
 
+def check_vocab(config: Any, tokenizer_size: int) -> None:
+  """Every id the tokenizer gives must index both models (padding rows past it are fine)."""
+  for name in ("teacher", "student"):
+    if config[name].vocab_size < tokenizer_size:
+      raise config_check.ConfigError(
+          f"config.{name}.vocab_size: {config[name].vocab_size} is below the tokenizer's "
+          f"{tokenizer_size} ids ({config.data.tokenizer_path or 'trained'}); teacher and "
+          "student must share the tokenizer they were trained with.")
+
+
 def _split(d: Any, field: str, root: str):
   """The examples of split `d[field]`; an unknown or empty split names the field."""
   try:
@@ -79,20 +90,21 @@ def _split(d: Any, field: str, root: str):
   return source
 
 
-def _tokenizer(d: Any, root: str, train_source) -> tokenizer_lib.Tokenizer:
+def _tokenizer(d: Any, root: str, train_source) -> tokenizer_lib.TextTokenizer:
   """The given tokenizer file, or the cached one trained on the train split (trained if absent)."""
-  if d.tokenizer_path and not os.path.isfile(d.tokenizer_path):
+  if d.tokenizer_path and not os.path.exists(d.tokenizer_path):
     raise config_check.ConfigError(
         f"config.data.tokenizer_path: {d.tokenizer_path} does not exist; point it at a "
-        "SentencePiece .model file, or set it to '' to train one on the train split.")
+        "Hugging Face model directory, a tokenizer.json, a SentencePiece .model file, or set it "
+        "to '' to train one on the train split.")
   path = d.tokenizer_path or os.path.join(root, "tokenizers", f"{d.name}_bpe{d.vocab_size}.model")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   try:
     return tokenizer_lib.train_or_load(
         pipeline.texts(train_source, d.tokenizer_max_documents or None), path, d.vocab_size)
-  except RuntimeError as e:  # SentencePiece's parse error for a file that is not a model
+  except (RuntimeError, hf_tokenizer.UnreadableTokenizer) as e:  # not a tokenizer file
     raise config_check.ConfigError(
-        f"config.data.tokenizer_path: {path} is not a readable SentencePiece model "
+        f"config.data.tokenizer_path: {path} is not a readable tokenizer "
         f"({' '.join(str(e).split())[:120]}); replace it, or delete it to retrain.") from None
 
 
@@ -220,14 +232,10 @@ def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) ->
 
 
 def samples(config: Any, cfg: ModelConfig, params: Any, tok, mesh) -> list[str]:
-  prompts = [tok.encode(p) for p in config.sample_prompts[:config.num_samples]]
-  if not prompts:
-    return []
-  prompt_BxP = sample.left_pad([[tokenizer_lib.BOS_ID] + p for p in prompts])
-  out_BxT = sample.generate(cfg, params, prompt_BxP, max_new_tokens=config.sample_tokens,
-                            temperature=config.sample_temperature, top_k=config.sample_top_k,
-                            rng=jax.random.key(config.seed), mesh=mesh)
-  return [tok.decode(row.tolist()) for row in np.asarray(out_BxT)]
+  return sample.generate_texts(
+      cfg, params, tok, config.sample_prompts[:config.num_samples],
+      max_new_tokens=config.sample_tokens, temperature=config.sample_temperature,
+      top_k=config.sample_top_k, rng=jax.random.key(config.seed), mesh=mesh)
 
 
 def format_table(summary: dict[str, dict[str, float]]) -> str:

@@ -368,6 +368,33 @@ def test_eval_batches_are_deterministic_with_padded_last_batch(data_dir, tokeniz
   _assert_same_batches(make(max_batches=2), batches[:2])
 
 
+class NoBosByteTokenizer:
+  """Qwen-like: no BOS, and the ids are the UTF-8 bytes themselves, so 0 (NUL) is a real token."""
+
+  pad_id, bos_id, eos_id = 256, None, 256
+
+  def encode(self, text):
+    return list(text.encode('utf-8'))
+
+
+def test_documents_without_bos_keep_real_zero_ids_and_skip_empty_texts():
+  texts = ['\x00a\x00', '', 'bc', '\x00', '']
+  batches = pipeline.eval_batches(
+      [{'text': t} for t in texts], NoBosByteTokenizer(), seq_len=5, batch_size=2)
+  pieces = []
+  for batch in batches:
+    _check_row_layout(batch, 5, 2)  # segments 1, 2, ... without gaps for the empty texts
+    for inputs, targets, _ in _segments(batch):
+      pieces.append((inputs.tolist(), targets.tolist()))
+  # Every target of every non-empty document is counted, the real 0s included, and only those.
+  documents = [[*t.encode('utf-8'), 256] for t in texts if t]
+  assert sum(b['mask'].sum() for b in batches) == sum(len(d) - 1 for d in documents)
+  inputs = [i for piece, _ in pieces for i in piece]
+  targets = [t for _, piece in pieces for t in piece]
+  assert inputs == [i for d in documents for i in d[:-1]]
+  assert targets == [t for d in documents for t in d[1:]]
+
+
 def test_load_source_gives_text_strings(data_dir):
   source = pipeline.load_source('shakespeare', 'test', data_dir)
   assert len(source) == len(_records(data_dir, 'test'))

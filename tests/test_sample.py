@@ -58,3 +58,34 @@ def test_top_k_restricts_samples_to_the_k_most_likely(params):
   firsts = {int(sample.generate(CFG, params, prompt, max_new_tokens=1, temperature=2.0, top_k=3,
                                 rng=jax.random.key(k))[0, -1]) for k in range(30)}
   assert firsts <= top3 and len(firsts) > 1
+
+
+def test_prompt_lengths_not_token_values_mark_the_padding(params):
+  # With a Hugging Face tokenizer 0 may be a real token, and any id may be the filler.
+  prompts, filler = [[0, 9, 0], [0], [5, 9, 11, 4]], 7
+  lengths = np.asarray([len(p) for p in prompts])
+  out = np.asarray(sample.generate(CFG, params, sample.left_pad(prompts, filler),
+                                   max_new_tokens=4, prompt_lengths_B=lengths))
+  for row, prompt in zip(out, prompts):
+    assert row[4 - len(prompt):].tolist() == _argmax_decode(params, prompt, 4)
+
+
+class _NoBosTokenizer:
+  """ids = character codes; no BOS; the pad filler 0 is also a real token ('\\x00')."""
+
+  pad_id, bos_id, eos_id = 0, None, 31
+
+  def encode(self, text):
+    return [ord(c) for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(i) for i in ids)
+
+
+def test_generate_texts_starts_without_bos_and_decodes_without_padding(params):
+  tok = _NoBosTokenizer()
+  texts = sample.generate_texts(CFG, params, tok, ["\x00\x05", "\x09\x0b\x04"], max_new_tokens=3)
+  for text, prompt in zip(texts, ([0, 5], [9, 11, 4])):
+    assert tok.encode(text) == _argmax_decode(params, prompt, 3)
+  with pytest.raises(ValueError, match="no tokens"):
+    sample.generate_texts(CFG, params, tok, [""], max_new_tokens=1)

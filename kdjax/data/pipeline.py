@@ -2,13 +2,18 @@
 
 Every batch is a dict of numpy arrays, B rows of L tokens:
 
-  inputs       [B, L] int32    token ids the model reads; 0 (pad) where segment_ids == 0
+  inputs       [B, L] int32    token ids the model reads; 0 where segment_ids == 0
   targets      [B, L] int32    the id that follows inputs[b, i] in the same document
   segment_ids  [B, L] int32    which document a token belongs to: 1, 2, ... within each row, 0 = pad
   positions    [B, L] int32    index within the segment, restarting at 0 for each segment
   mask         [B, L] float32  1.0 where targets[b, i] is a real token (segment_ids != 0), else 0.0
 
-A document of ids d = [bos] + encode(text) + [eos] contributes inputs d[:-1] and targets d[1:]. The
+Padding is the positions with segment_ids == 0 (mask 0.0), whatever their value: the filler is 0,
+which a Hugging Face tokenizer may use for a real token, so nothing may find padding by token id.
+
+A document of ids d = [bos] + encode(text) + [eos] contributes inputs d[:-1] and targets d[1:]
+(without bos for a tokenizer that has none, such as Qwen's, and without eos likewise); a
+document with no inputs (an empty text without bos) is skipped, so segment ids stay 1, 2, ... The
 shift happens before packing, so a target never comes from another document; attention must still
 be restricted to equal segment_ids. Packing is concat-then-split: documents are laid end to end and
 cut every L tokens, so training rows have no padding and a long document continues in the next row
@@ -28,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kdjax.data import shakespeare
-from kdjax.data.tokenizer import Tokenizer
+from kdjax.data.tokenizer import TextTokenizer
 
 Batch = dict[str, np.ndarray]
 
@@ -76,11 +81,20 @@ def _document_text(example: Any) -> str:
   return _as_text(example)
 
 
-def _document(example: Any, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
-  ids = np.asarray(
-      [tokenizer.bos_id, *tokenizer.encode(_document_text(example)), tokenizer.eos_id], np.int32
-  )
+def _document(example: Any, tokenizer: TextTokenizer) -> dict[str, np.ndarray]:
+  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+  ids = np.asarray([*bos, *tokenizer.encode(_document_text(example)), *eos], np.int32)
   return {'inputs': ids[:-1], 'targets': ids[1:]}
+
+
+def _has_inputs(document: dict[str, np.ndarray]) -> bool:
+  # The packer would give an empty document a segment id of its own and leave a gap.
+  return len(document['inputs']) > 0
+
+
+def _tokenized(documents: grain.MapDataset, tokenizer: TextTokenizer) -> grain.MapDataset:
+  return documents.map(functools.partial(_document, tokenizer=tokenizer)).filter(_has_inputs)
 
 
 def _documents(source: Sequence[Any]) -> grain.MapDataset:
@@ -142,7 +156,7 @@ class _JsonStateIterator(grain.DatasetIterator):
 
 def train_iterator(
     source: Sequence[Any],
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     *,
     seq_len: int,
     batch_size: int,
@@ -164,7 +178,7 @@ def train_iterator(
     raise ValueError(f'Shard {shard_index}/{shard_count} of a {len(source)}-document source is empty.')
   # Shuffle before repeat: repeat reseeds the shuffle per epoch and keeps epochs apart.
   documents = documents.shuffle(seed=seed).repeat()
-  tokens = documents.map(functools.partial(_document, tokenizer=tokenizer))
+  tokens = _tokenized(documents, tokenizer)
   batches = _packed_batches(
       tokens.to_iter_dataset(_READ_OPTIONS),
       seq_len=seq_len, batch_size=batch_size, drop_remainder=True,
@@ -180,7 +194,7 @@ def _pad_rows(batch: Batch, batch_size: int) -> Batch:
 
 def eval_batches(
     source: Sequence[Any],
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     *,
     seq_len: int,
     batch_size: int,
@@ -191,7 +205,7 @@ def eval_batches(
   The last batch is filled with all-zero rows and the last row with padding, both with mask 0, so
   averaging a loss over mask counts every real target exactly once.
   """
-  tokens = _documents(source).map(functools.partial(_document, tokenizer=tokenizer))
+  tokens = _tokenized(_documents(source), tokenizer)
   batches = _packed_batches(
       tokens.to_iter_dataset(_READ_OPTIONS),
       seq_len=seq_len, batch_size=batch_size, drop_remainder=False,

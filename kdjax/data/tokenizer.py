@@ -5,6 +5,10 @@ fills with 0 and the loss masks it), so they are pinned at training time rather 
 
 The model is lossless: no Unicode normalisation, whitespace kept as is, and byte fallback, so
 `decode(encode(s)) == s` for any string and no id is ever `unk_id`.
+
+A Hugging Face model's tokenizer (a model directory, tokenizer.json or tokenizer.model) is
+`hf_tokenizer.HFTokenizer`, with the same interface (`TextTokenizer`) but its own special ids;
+`load` and `train_or_load` return whichever a path holds.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import io
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 import sentencepiece as spm
+
+from kdjax.data import hf_tokenizer
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 _SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
@@ -23,6 +30,23 @@ _SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
 _NEWLINE = '\n'
 _MAX_TRAINING_LINES = 2_000_000  # ~100 MB of text; the Shakespeare corpus is ~170k lines.
 _SEED = 0
+
+
+class TextTokenizer(Protocol):
+  """What the pipeline and sampling need; a model without BOS (Qwen) has bos_id None."""
+
+  pad_id: int  # a filler only: padding is found by segment id 0 and the mask, never by value
+  bos_id: int | None
+  eos_id: int | None
+
+  @property
+  def vocab_size(self) -> int: ...
+
+  def encode(self, text: str) -> list[int]:
+    """Ids without BOS/EOS."""
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text without special tokens."""
 
 
 class Tokenizer:
@@ -38,7 +62,9 @@ class Tokenizer:
     ids = (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id())
     if ids != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
       raise ValueError(f'SentencePiece model has special ids (pad, bos, eos, unk) = {ids}; '
-                       f'kdjax needs {(PAD_ID, BOS_ID, EOS_ID, UNK_ID)}.')
+                       f'kdjax needs {(PAD_ID, BOS_ID, EOS_ID, UNK_ID)}. A Hugging Face '
+                       f'model\'s tokenizer loads from its directory or its '
+                       f'{hf_tokenizer.SENTENCEPIECE_MODEL}.')
 
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -54,6 +80,14 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids if int(i) not in _SPECIAL_IDS])
+
+
+def load(path: str | os.PathLike[str]) -> Tokenizer | hf_tokenizer.HFTokenizer:
+  """A Hugging Face tokenizer for a model directory, tokenizer.json or tokenizer.model; kdjax's
+  own Tokenizer (special ids 0-3) for any other .model file."""
+  if hf_tokenizer.is_hugging_face(path):
+    return hf_tokenizer.load(path)
+  return Tokenizer.load(path)
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
@@ -122,9 +156,15 @@ def train_or_load(
     model_path: str | os.PathLike[str],
     vocab_size: int,
     model_type: str = 'bpe',
-) -> Tokenizer:
-  """Loads model_path if it exists, else trains on `texts` (train split only!) and saves there."""
+) -> Tokenizer | hf_tokenizer.HFTokenizer:
+  """Loads model_path if it exists, else trains on `texts` (train split only!) and saves there.
+
+  A Hugging Face tokenizer (see `load`) is only ever loaded, whatever vocab_size says: its
+  vocabulary is its model's.
+  """
   model_path = os.fspath(model_path)
+  if hf_tokenizer.is_hugging_face(model_path):
+    return hf_tokenizer.load(model_path)
   if os.path.exists(model_path):
     tokenizer = Tokenizer.load(model_path)
     if tokenizer.vocab_size != vocab_size:
