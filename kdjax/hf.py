@@ -137,7 +137,8 @@ def model_config(path_or_hf: str | dict[str, Any], *, dtype: str | None = None,
     cfg.update(post_norms=True, query_scale=float(hf["query_pre_attn_scalar"]) ** -0.5,
                attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
                logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
-               sliding_window=hf.get("sliding_window") or 0, global_every=2)
+               sliding_window=hf.get("sliding_window") or 0,
+               global_every=_global_every(hf.get("layer_types"), default=2))
   out = ModelConfig(**cfg)
   types = hf.get("layer_types")
   if types and [t == "sliding_attention" for t in types] != [
@@ -145,6 +146,16 @@ def model_config(path_or_hf: str | dict[str, Any], *, dtype: str | None = None,
     raise HFError(f"config.json: layer_types {types} is not the {family} pattern kdjax "
                   "implements (sliding_window with every global_every-th layer global).")
   return out
+
+
+def _global_every(layer_types: list[str] | None, default: int) -> int:
+  """The period of global layers in `layer_types` (0: none), e.g. 2 for Gemma 2's alternation;
+  a student keeping some of its teacher's layers may have another (checked by the caller)."""
+  if not layer_types:
+    return default
+  if "full_attention" not in layer_types:
+    return 0
+  return layer_types.index("full_attention") + 1
 
 
 def _refuse(hf, *flags):

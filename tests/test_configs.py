@@ -1,10 +1,17 @@
 """Every config in configs/ builds for its declared target hardware and fits its memory.
 
 Each preset's `config.target` names the hardware (devices, processes, memory per device). The
-whole training step of every phase is traced under jax.eval_shape on an abstract mesh of that many
-devices, with the config's own rules, so shapes, shardings and the activation constraints are all
-checked without allocating anything; then the per-device bytes of params + optimizer state (+ the
-frozen teacher) are summed from the derived shardings.
+whole training step of every phase its mode runs (and of distillation wherever there is a teacher)
+is traced under jax.eval_shape on an abstract mesh of that many devices, with the config's own
+rules, so shapes, shardings and the activation constraints are all checked without allocating
+anything; then the per-device bytes of params + optimizer state (+ the frozen teacher, in its
+frozen_teacher dtype and sharding) are summed from the derived shardings. Nothing reads the
+config's paths (teacher_hf, student_init, data): they may be placeholders.
+
+To print those bytes for every config and preset (or the named configs), and with --compile an
+estimate of the compiled step's temporaries too (_compiled_temp_bytes), from the repository root:
+
+  python -m tests.test_configs [--compile] [NAME ...]
 """
 
 import glob
@@ -16,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kdjax import config_check, experiment, sharding, train
+from kdjax import config_check, experiment, hf, sharding, train
 from kdjax.model import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,22 +49,35 @@ def _with_shardings(tree, shardings):
                       tree, shardings)
 
 
-def _phase_bytes(config, mesh, rules, phase):
-  """Per-device bytes of one phase's state, after tracing its whole step for that mesh."""
+def _phases(config) -> tuple[str, ...]:
+  """The phases config.mode trains, plus 'distilled' whenever there is a teacher to distill from
+  (trained in this run, a checkpoint or a Hugging Face model): only a plain 'scratch' run has
+  none. 'eval' trains nothing but holds the same frozen teacher."""
+  phases = experiment.phases_to_run(config)
+  has_teacher = (config.mode != "scratch" or config.teacher_checkpoint
+                 or config.get("teacher_hf", ""))
+  return tuple(p for p in experiment.PHASES if p in phases or (p == "distilled" and has_teacher))
+
+
+def _phase_step(config, mesh, rules, phase):
+  """(train_step, its abstract sharded args (state, teacher params, batch), per-device bytes)
+  of one phase on `mesh`. The bytes are {'state': the trained model's params + optimizer state,
+  'teacher': the frozen teacher's params (0 without one)}."""
   d = config.data
   teacher_cfg = ModelConfig.from_dict(config.teacher)
   model_cfg, tc = ((teacher_cfg, config.teacher_train) if phase == "teacher"
                    else (ModelConfig.from_dict(config.student), config.student_train))
   tx, state, state_sh = _abstract_state(model_cfg, tc, mesh, rules)
-  total = sharding.per_device_bytes(state, state_sh)
+  used = {"state": sharding.per_device_bytes(state, state_sh), "teacher": 0}
   t_cfg = t_rules = t_params = None
   if phase == "distilled":
+    # The teacher as distillation holds it: frozen_teacher's dtypes and sharding rules.
     t_cfg, t_rules = experiment.frozen_teacher_settings(config, rules)
     t_like = jax.eval_shape(lambda: train.Transformer(t_cfg).init(
         jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     t_sh = sharding.logical_shardings(t_like, mesh, t_rules)
     t_params = _with_shardings(nn.meta.unbox(t_like), t_sh)
-    total += sharding.per_device_bytes(nn.meta.unbox(t_like), t_sh)
+    used["teacher"] = sharding.per_device_bytes(nn.meta.unbox(t_like), t_sh)
   step = train.make_train_step(
       model_cfg, tx, train.make_schedule(tc), t_cfg=t_cfg,
       distill=train.DistillSettings.from_config(config.distill) if t_cfg else None,
@@ -66,25 +86,101 @@ def _phase_bytes(config, mesh, rules, phase):
                                    jnp.float32 if k == "mask" else jnp.int32,
                                    sharding=sharding.batch_sharding(mesh))
            for k in ("inputs", "targets", "segment_ids", "positions", "mask")}
+  return step, (_with_shardings(state, state_sh), t_params, batch), used
+
+
+def _phase_bytes(config, mesh, rules, phase) -> dict[str, int]:
+  """Per-device bytes of one phase's state (see _phase_step), after tracing its whole step."""
+  step, args, used = _phase_step(config, mesh, rules, phase)
   with jax.sharding.use_abstract_mesh(mesh):
-    new_state, metrics = jax.eval_shape(step, _with_shardings(state, state_sh), t_params, batch)
-  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    new_state, metrics = jax.eval_shape(step, *args)
+  assert jax.tree.structure(new_state) == jax.tree.structure(args[0])
   assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
-  return total
+  return used
+
+
+def _load(name, preset):
+  """The config, checked for its target hardware."""
+  config = importlib.import_module(f"configs.{name}").get_config(preset)
+  config_check.check_config(config, config.target.devices, config.target.processes)
+  return config
+
+
+def _config_bytes(name, preset) -> tuple[object, dict[str, dict[str, int]]]:
+  """(config, {phase: per-device bytes}) on an abstract mesh of the config's target."""
+  config = _load(name, preset)
+  mesh = sharding.abstract_mesh(config.mesh, config.target.devices)
+  rules = sharding.rules_from_config(config)
+  return config, {phase: _phase_bytes(config, mesh, rules, phase) for phase in _phases(config)}
 
 
 @pytest.mark.parametrize("name, preset", CASES)
 def test_config_builds_and_fits_its_target(name, preset):
-  config = importlib.import_module(f"configs.{name}").get_config(preset)
+  config, used = _config_bytes(name, preset)
   target = config.target
-  config_check.check_config(config, target.devices, target.processes)
-  mesh = sharding.abstract_mesh(config.mesh, target.devices)
-  rules = sharding.rules_from_config(config)
+  assert used, f"{name}:{preset} (mode {config.mode!r}) traces no phase"
   budget = STATE_SHARE * target.memory_gib * 2**30
-  for phase in ("teacher", "distilled"):  # scratch trains the same student alone
-    used = _phase_bytes(config, mesh, rules, phase)
-    assert used <= budget, (f"{name}:{preset} {phase} needs {used / 2**30:.2f} GiB of state per "
-                            f"device on {target.name}; the budget is {budget / 2**30:.2f} GiB")
+  for phase, parts in used.items():
+    total = sum(parts.values())
+    assert total <= budget, (f"{name}:{preset} {phase} needs {total / 2**30:.2f} GiB of state "
+                             f"per device on {target.name}; the budget is "
+                             f"{budget / 2**30:.2f} GiB")
+
+
+# The published models of the configs/ that distill one into another: the architecture keys of
+# each config.json on the Hugging Face hub (base models), which kdjax.hf.model_config reads, and
+# the parameter count of each checkpoint (its safetensors hold exactly these).
+_GEMMA2 = dict(model_type="gemma2", vocab_size=256_000, head_dim=256, max_position_embeddings=8192,
+               rms_norm_eps=1e-6, rope_theta=10_000.0, hidden_activation="gelu_pytorch_tanh",
+               query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+               final_logit_softcapping=30.0, sliding_window=4096)
+_LLAMA3 = dict(model_type="llama", vocab_size=128_256, max_position_embeddings=131_072,
+               rms_norm_eps=1e-5, rope_theta=500_000.0, hidden_act="silu", attention_bias=False,
+               mlp_bias=False)
+_LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+_QWEN25 = dict(model_type="qwen2", max_position_embeddings=131_072, rms_norm_eps=1e-6,
+               rope_theta=1_000_000.0, hidden_act="silu", use_sliding_window=False)
+PUBLISHED = {
+    "gemma2_9b_to_2b": (
+        (dict(_GEMMA2, hidden_size=3584, num_hidden_layers=42, num_attention_heads=16,
+              num_key_value_heads=8, intermediate_size=14_336), 9_241_705_984),  # gemma-2-9b
+        (dict(_GEMMA2, hidden_size=2304, num_hidden_layers=26, num_attention_heads=8,
+              num_key_value_heads=4, intermediate_size=9216), 2_614_341_888)),  # gemma-2-2b
+    "llama31_8b_to_llama32_1b": (
+        (dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+              num_key_value_heads=8, head_dim=128, intermediate_size=14_336,
+              tie_word_embeddings=False, rope_scaling=dict(_LLAMA3_ROPE, factor=8.0)),
+         8_030_261_248),  # Llama-3.1-8B
+        (dict(_LLAMA3, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+              num_key_value_heads=8, head_dim=64, intermediate_size=8192,
+              tie_word_embeddings=True, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0)),
+         1_235_814_400)),  # Llama-3.2-1B
+    "qwen25_7b_to_1b5": (
+        (dict(_QWEN25, vocab_size=152_064, hidden_size=3584, num_hidden_layers=28,
+              num_attention_heads=28, num_key_value_heads=4, intermediate_size=18_944,
+              tie_word_embeddings=False), 7_615_616_512),  # Qwen2.5-7B
+        (dict(_QWEN25, vocab_size=151_936, hidden_size=1536, num_hidden_layers=28,
+              num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960,
+              tie_word_embeddings=True), 1_543_714_304)),  # Qwen2.5-1.5B
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_pairs_are_the_published_models(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  for section, (hub_config, num_params) in zip(("teacher", "student"), PUBLISHED[name]):
+    cfg = ModelConfig.from_dict(config[section])
+    # What a run checks before loading config.teacher_hf / config.student_init: every field
+    # that decides the math equals the one read from the checkpoint's config.json.
+    assert experiment._misfit(cfg, hf.model_config(hub_config)) == [], section
+    assert cfg.num_params() == num_params, section
+  # They distill from a published teacher into a published start, and never train a teacher.
+  assert config.teacher_hf and config.student_init and config.mode == "distill"
+  assert config.data.tokenizer_path == config.teacher_hf
+  assert experiment.phases_to_run(config) == ("distilled",)
+  t_vocab, s_vocab = config.teacher.vocab_size, config.student.vocab_size
+  assert config.data.vocab_size <= min(t_vocab, s_vocab)
 
 
 def test_lm1b_is_sharded_not_replicated():
@@ -106,3 +202,37 @@ def test_lm1b_is_sharded_not_replicated():
   frozen = sharding.per_device_bytes(nn.meta.unbox(like), sharding.logical_shardings(like, mesh,
                                                                                      t_rules))
   assert frozen <= 2 * t_cfg.num_params() / 8 * 1.001
+
+
+def _compiled_temp_bytes(config, phase) -> int:
+  """Per-device temporaries of the phase's step as XLA:CPU compiles it for the target's device
+  count (fake CPU devices): activations, gradients, gathered weights, loss buffers. An estimate
+  for the accelerator, whose compiler fuses differently (and cuDNN's fused attention holds no
+  score matrix); far too slow for the test, so only `--compile` below computes it."""
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.target.devices])
+  step, args, _ = _phase_step(config, mesh, sharding.rules_from_config(config), phase)
+  shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  jitted = train.jit_train_step(step, shardings_of(args[0]), shardings_of(args[1]), mesh).jitted
+  with jax.set_mesh(mesh):
+    return jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+if __name__ == "__main__":
+  # The per-device figures that the configs' docstrings quote (--compile: 5-20 s per phase).
+  import sys
+  compile_too = "--compile" in sys.argv
+  names = [a for a in sys.argv[1:] if not a.startswith("--")]
+  cases = [(n, p) for n, p in CASES if not names or n in names]
+  if compile_too:  # read when JAX starts its CPU backend, which nothing has done yet
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={max(_load(n, p).target.devices for n, p in cases)}")
+  jax.config.update("jax_platforms", "cpu")  # as tests/conftest.py
+  print(f"{'config:preset':<36} {'phase':<10} {'state':>6} {'teacher':>7} {'total':>6} "
+        f"{'(temp)':>7} {'of':>4}  GiB per device")
+  for name, preset in cases:
+    config, used = _config_bytes(name, preset)
+    for phase, parts in used.items():
+      temp = f"{_compiled_temp_bytes(config, phase) / 2**30:>7.2f}" if compile_too else " " * 7
+      print(f"{name + ':' + preset:<36} {phase:<10} {parts['state'] / 2**30:>6.2f} "
+            f"{parts['teacher'] / 2**30:>7.2f} {sum(parts.values()) / 2**30:>6.2f} {temp} "
+            f"{config.target.memory_gib:>4.0f}", flush=True)

