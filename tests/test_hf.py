@@ -4,7 +4,7 @@ with the same logits.
 
 Every weight is randomised (norm scales and biases too, which transformers initialises to 1 and
 0), so a mis-mapped norm, bias or head layout cannot hide. Logits are compared in float32 at the
-real (unpadded) positions of a right-padded batch; the tolerance is 1e-4 of the logit scale.
+real (unpadded) positions of a batch padded on the right and on the left; the tolerance is 1e-4 of the logit scale.
 """
 
 import json
@@ -22,7 +22,8 @@ from kdjax import hf  # noqa: E402
 from kdjax.model import ModelConfig, Transformer  # noqa: E402
 
 V, L = 96, 12
-LENGTHS = (12, 9, 5)  # a right-padded batch: rows 1 and 2 end in padding
+# Row 0 is full, row 1 ends in 3 padding tokens, row 2 starts with 7: padding on both sides.
+PADDING = ((0, 0), (0, 3), (7, 0))
 COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
@@ -66,8 +67,9 @@ def _hf_model(family, seed=0, dtype=torch.float32):
 
 
 def _batch():
-  tokens = np.random.default_rng(0).integers(0, V, size=(len(LENGTHS), L)).astype(np.int32)
-  mask = (np.arange(L)[None, :] < np.array(LENGTHS)[:, None]).astype(np.int32)
+  tokens = np.random.default_rng(0).integers(0, V, size=(len(PADDING), L)).astype(np.int32)
+  mask = np.array([[left <= i < L - right for i in range(L)] for left, right in PADDING],
+                  np.int32)
   return tokens * mask, mask
 
 
@@ -79,9 +81,11 @@ def _hf_logits(model, tokens, mask):
 
 
 def _kdjax_logits(cfg, params, tokens, mask):
-  # Padding is segment 0: real tokens never attend to it, and positions count from 0.
+  # Padding is segment 0, so real tokens never attend to it; positions are the column index, as
+  # transformers numbers them without a cache, left padding included.
+  positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
   return np.asarray(Transformer(cfg).apply({"params": params}, jnp.asarray(tokens),
-                                           jnp.asarray(mask)))
+                                           jnp.asarray(mask), jnp.asarray(positions)))
 
 
 def _assert_close(ours, theirs, mask):
