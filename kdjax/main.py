@@ -11,7 +11,6 @@ an override of a field it lacks, or of the wrong type, is refused at flag parsin
 from __future__ import annotations
 
 import os
-import re
 import sys
 import tempfile
 

@@ -1,7 +1,6 @@
 """scripts/convert.py: a Hugging Face model -> a kdjax checkpoint usable as
 config.teacher_checkpoint -> back to a Hugging Face model that transformers loads, unchanged."""
 
-import importlib.util
 import os
 
 import jax
@@ -13,16 +12,12 @@ transformers = pytest.importorskip("transformers")
 
 from kdjax import checkpoint, experiment, hf, sharding  # noqa: E402
 from kdjax.model import ModelConfig  # noqa: E402
+import scripts_loader  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _convert_module():
-  spec = importlib.util.spec_from_file_location("convert", os.path.join(ROOT, "scripts",
-                                                                        "convert.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return scripts_loader.load("convert")
 
 
 def _hashes(directory):

@@ -5,12 +5,10 @@ loads in transformers with kdjax's logits and tokenizes like kdjax."""
 
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,17 +22,13 @@ from kdjax.data import tokenizer as tokenizer_lib  # noqa: E402
 from kdjax.model import Transformer  # noqa: E402
 import fake_corpus  # noqa: E402
 from test_hf_tokenizer import _qwen  # noqa: E402
+import scripts_loader  # noqa: E402
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script(name):
-  spec = importlib.util.spec_from_file_location(f"{name}_script",
-                                                os.path.join(ROOT, "scripts", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return scripts_loader.load(name)
 
 
 def _tree_hash(directory):

@@ -12,7 +12,6 @@ Tiny shapes: B=2, L=8, V=40, D=16, S=3 layers, H=4 query heads in N=2 groups (K=
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import pytest
 from kdjax import checkpoint, hf, prune, train
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig, Transformer
+import scripts_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, L, V = 2, 8, 40
@@ -449,14 +449,8 @@ def test_save_and_load_round_trip(tmp_path):
 # ----------------------------------------------------------------------------- script
 
 
-@functools.cache
 def _script():
-  """scripts/prune.py as a module, loaded once (its absl flags may be defined only once)."""
-  spec = importlib.util.spec_from_file_location("prune_script",
-                                                os.path.join(ROOT, "scripts", "prune.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return scripts_loader.load("prune")
 
 
 def test_script_cuts_a_phase_checkpoint_teacher(tmp_path):
