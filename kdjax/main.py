@@ -40,7 +40,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(f"{e}; fix the flag (run with --helpshort to list flags).")
+    message = str(e)
+    if "Traceback" in message:  # a config file's get_config raised: its last line says what
+      last = [l for l in message.splitlines() if l.strip()][-1].strip()  # "pkg.Error: why"
+      reason = last.split(": ", 1)[1] if ": " in last else last
+      message = f"{message.split(': ', 1)[0]}: {reason.rstrip('.')}"
+    _fail(f"{message}; fix the flag (run with --helpshort to list flags).")
   except (AttributeError, KeyError) as e:
     # ml_collections: an override names a field the locked config does not have.
     raw = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
