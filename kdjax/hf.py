@@ -5,10 +5,10 @@
     hf.save_pretrained("/out/student", cfg, params, tokenizer_dir="/models/Qwen2.5-1.5B")
 
 Families: llama (Llama 2/3.x, with Llama 3 RoPE scaling), mistral, qwen2, qwen3, gemma, gemma2 and
-gpt2. Loading reads one tensor at a time from the memory-mapped safetensors files, straight into
-each device's shard of the target sharding: the host never holds more than one layer's tensor of
-one param, and no device holds more than its shard. Nothing is unpickled: a directory with only
-PyTorch .bin files is refused.
+gpt2. Loading reads one tensor at a time from the memory-mapped safetensors files, once each,
+straight into this host's shards of the target sharding: the host holds at most one param (all
+layers of, say, the MLP up-projection) besides the mapped files, and no device more than its
+shard. Nothing is unpickled: a directory with only PyTorch .bin files is refused.
 
 The weight layout is the only translation: Hugging Face linear weights are [out, in] (GPT-2's
 Conv1D is [in, out]); kdjax kernels are [in, ...out] with heads split out ([D, H, K] for queries,
@@ -19,6 +19,7 @@ Conv1D is [in, out]); kdjax kernels are [in, ...out] with heads split out ([D, H
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -431,15 +432,42 @@ def load_params(path: str, cfg: ModelConfig, mesh=None, rules=None) -> Any:
   arrays = []
   for p, like in leaves:
     layer, _ = _layer_path(p, cfg)
-    if layer == -1:
-      def callback(index, p=p):
-        return np.stack([one_layer(p, i)[index[1:]] for i in range(cfg.num_layers)[index[0]]])
-    else:
-      def callback(index, p=p, layer=layer):
-        return one_layer(p, layer)[index]
-    # Each device's callback reads and converts only its own shard's layers.
-    arrays.append(jax.make_array_from_callback(like.shape, _leaf(shardings, p), callback))
+    reads = ([(i, functools.partial(one_layer, p, i)) for i in range(cfg.num_layers)]
+             if layer == -1 else [(None, functools.partial(one_layer, p, layer))])
+    arrays.append(_place(like.shape, _leaf(shardings, p), param_dtype, reads))
   return jax.tree_util.tree_unflatten(jax.tree.structure(abstract), arrays)
+
+
+def _place(shape, sharding, dtype, layers) -> jax.Array:
+  """One param as a global array in `sharding`, from `layers`: (layer index, or None for an
+  unstacked param; a function reading that layer's value in kdjax's layout).
+
+  Each layer is read and converted once, then copied into this process's distinct shards, which
+  go to their devices: host memory peaks at this param's local shards (at most the param once),
+  and layers that only other hosts hold are not read here."""
+  index_map = sharding.addressable_devices_indices_map(shape)
+  key = lambda index: tuple((s.start, s.stop) for s in index)  # equal shards share a buffer
+  buffers = {}
+  for index in index_map.values():
+    if key(index) not in buffers:
+      buffers[key(index)] = (index, np.empty(_sliced_shape(shape, index), dtype))
+  for layer, read in layers:
+    needed = [(index, buf) for index, buf in buffers.values()
+              if layer is None or layer in range(shape[0])[index[0]]]
+    if not needed:
+      continue
+    value = read()
+    for index, buf in needed:
+      if layer is None:
+        buf[...] = value[index]
+      else:
+        buf[layer - range(shape[0])[index[0]].start] = value[index[1:]]
+  shards = [jax.device_put(buffers[key(index)][1], device) for device, index in index_map.items()]
+  return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+def _sliced_shape(shape, index) -> tuple[int, ...]:
+  return tuple(len(range(n)[s]) for n, s in zip(shape, index))
 
 
 def _leaf(tree, path):
