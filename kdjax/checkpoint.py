@@ -144,6 +144,25 @@ def saved_config(directory: str) -> dict | None:
   return config
 
 
+def best_step(directory: str) -> int | None:
+  """The kept checkpoint with the lowest held-out loss (`val_loss` in the phase's metrics.jsonl,
+  beside `directory`), else the latest; None if there is none."""
+  manager = _read_only_manager(directory)
+  steps = set(manager.all_steps())
+  manager.close()
+  metrics = os.path.join(os.path.dirname(os.path.abspath(directory)), "metrics.jsonl")
+  losses = {}
+  if os.path.isfile(metrics):
+    with open(metrics) as f:
+      for line in f:
+        row = json.loads(line)
+        if "val_loss" in row and row.get("step") in steps:
+          losses[row["step"]] = row["val_loss"]
+  if losses:
+    return min(losses, key=lambda s: (losses[s], -s))
+  return max(steps) if steps else None
+
+
 def save_params(directory: str, params: Any, config: dict, step: int = 0) -> None:
   """Writes params and a config (say, {'teacher': ModelConfig fields}) as a checkpoint that
   `load_params`, `saved_config` and so config.teacher_checkpoint read; refuses to overwrite."""

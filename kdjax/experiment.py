@@ -119,19 +119,50 @@ def _misfit(want: ModelConfig, have: ModelConfig) -> list[str]:
 
 
 def _check_hf_model(config: Any, field: str, section: str) -> None:
-  """config[field], a Hugging Face model directory, exists and fits config[section]."""
+  """config[field], a Hugging Face model directory, exists, fits config[section], and its
+  safetensors hold exactly those params (checked from the files' headers: nothing is loaded)."""
   path = config[field]
   try:
     have = hf.model_config(path)
-  except (hf.HFError, KeyError) as e:
+  except hf.HFError as e:
     raise config_check.ConfigError(
         f"config.{field}: {path} is not a readable Hugging Face model directory ({e}); point it "
         "at a folder with config.json and *.safetensors.") from None
-  changed = _misfit(ModelConfig.from_dict(config[section]), have)
+  want = ModelConfig.from_dict(config[section])
+  changed = _misfit(want, have)
   if changed:
     raise config_check.ConfigError(
         f"config.{section}: does not fit the model in {path} ({'; '.join(changed)}); set "
         f"config.{section} to kdjax.hf.model_config('{path}').")
+  try:
+    hf.check_checkpoint(path, dataclasses.replace(want, family=have.family))
+  except hf.HFError as e:
+    raise config_check.ConfigError(f"config.{field}: {e}") from None
+
+
+def _check_shared_tokenizer(config: Any) -> None:
+  """The data's tokenizer, the teacher's and the student init's (those that exist) must give the
+  same ids: equal vocabulary sizes alone would let a different tokenizer through."""
+  places = [(f, config.data.tokenizer_path if f == "data.tokenizer_path" else config.get(f))
+            for f in ("data.tokenizer_path", "teacher_hf", "student_init")]
+  found = [(f, p) for f, p in places if p and hf_tokenizer.has_tokenizer(p)]
+  if len(found) < 2:
+    return
+  def load(field, path):
+    try:
+      return hf_tokenizer.load(path)
+    except (hf_tokenizer.UnreadableTokenizer, OSError) as e:
+      raise config_check.ConfigError(
+          f"config.{field}: cannot read the tokenizer in {path} ({e}); fix or replace its "
+          "tokenizer files.") from None
+
+  first_field, reference = found[0][0], load(*found[0])
+  for field, path in found[1:]:
+    difference = hf_tokenizer.difference(reference, load(field, path))
+    if difference:
+      raise config_check.ConfigError(
+          f"config.{field}: the tokenizer in {path} is not config.{first_field}'s ({difference}); "
+          "teacher and student must share one tokenizer.")
 
 
 def check_teacher_checkpoint(config: Any, workdir: str, phases: tuple[str, ...]) -> None:
@@ -139,6 +170,7 @@ def check_teacher_checkpoint(config: Any, workdir: str, phases: tuple[str, ...])
   so must a student_init."""
   if config.get("student_init") and set(phases) & {"distilled", "scratch"}:
     _check_hf_model(config, "student_init", "student")
+  _check_shared_tokenizer(config)
   if config.get("teacher_hf"):
     if config.teacher_checkpoint:
       raise config_check.ConfigError(

@@ -33,6 +33,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from kdjax.data import hf_tokenizer
 from kdjax.model import ModelConfig, Transformer
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2")
@@ -40,10 +41,6 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gpt2": "GPT2LMHeadModel"}
-# Files a model directory's tokenizer may consist of; save_pretrained copies those present.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                   "generation_config.json")
 # Non-weight buffers some checkpoints carry (GPT-2's causal-mask tables, rotary caches).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -75,7 +72,8 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     out.update(rope_scaling=float(scaling["factor"]),
                rope_low_freq_factor=float(scaling["low_freq_factor"]),
                rope_high_freq_factor=float(scaling["high_freq_factor"]),
-               rope_original_max_len=int(scaling["original_max_position_embeddings"]))
+               rope_original_max_len=int(scaling.get("original_max_position_embeddings")
+                                         or hf["max_position_embeddings"]))
   elif kind != "default":
     raise HFError(f"config.json: rope scaling type {kind!r} is not supported; kdjax implements "
                   "'default' and 'llama3'.")
@@ -87,14 +85,37 @@ def _checkpoint_dtype(hf: dict[str, Any]) -> str:
   return {"float16": "float32"}.get(dtype, dtype)  # fp16 overflows in training: use f32
 
 
+# transformers' defaults where a family's config.json may leave a field out.
+_DEFAULTS = {
+    "gemma": dict(head_dim=256, hidden_act="gelu_pytorch_tanh"),
+    "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", sliding_window=4096,
+                   query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "mistral": dict(sliding_window=4096, hidden_act="silu"),
+    "qwen3": dict(head_dim=128, hidden_act="silu"),
+    "llama": dict(hidden_act="silu"),
+    "qwen2": dict(hidden_act="silu"),
+}
+
+
 def model_config(path_or_hf: str | dict[str, Any], *, dtype: str | None = None,
                  param_dtype: str | None = None, scan_layers: bool = True) -> ModelConfig:
   """The ModelConfig of a Hugging Face config (a model directory or its parsed config.json).
 
   Params keep the checkpoint's dtype (bf16 stays bf16) unless `param_dtype` says otherwise;
-  compute runs in `dtype`, by default the params' dtype.
+  compute runs in `dtype`, by default the params' dtype. A field the file leaves out takes
+  transformers' default for the family, so both compute the same thing.
   """
   hf = read_config(path_or_hf) if isinstance(path_or_hf, str) else dict(path_or_hf)
+  try:
+    return _model_config(hf, dtype, param_dtype, scan_layers)
+  except KeyError as e:
+    raise HFError(f"config.json: missing field {e.args[0]!r}, which kdjax needs for a "
+                  f"{hf.get('model_type')} model.") from None
+
+
+def _model_config(hf, dtype, param_dtype, scan_layers) -> ModelConfig:
+  hf = {**_DEFAULTS.get(hf.get("model_type"), {}), **hf}
   family = hf.get("model_type")
   if family not in FAMILIES:
     raise HFError(f"config.json: model_type {family!r} is not supported; kdjax reads {FAMILIES}.")
@@ -109,7 +130,8 @@ def model_config(path_or_hf: str | dict[str, Any], *, dtype: str | None = None,
     return ModelConfig(
         **common, d_model=d, num_layers=hf["n_layer"], num_heads=hf["n_head"],
         num_kv_heads=hf["n_head"], head_dim=d // hf["n_head"], mlp_dim=hf.get("n_inner") or 4 * d,
-        max_len=hf["n_positions"], activation=_activation(hf.get("activation_function")),
+        max_len=hf["n_positions"],
+        activation=_activation(family, hf.get("activation_function", "gelu_new")),
         norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         tie_embeddings=hf.get("tie_word_embeddings", True), position_embedding="learned",
         qkv_bias=True, out_bias=True, mlp_bias=True)
@@ -121,7 +143,8 @@ def model_config(path_or_hf: str | dict[str, Any], *, dtype: str | None = None,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
       mlp_dim=hf["intermediate_size"], max_len=hf.get("max_position_embeddings", 2048),
       norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-      activation=_activation(hf.get("hidden_activation") or hf.get("hidden_act")),
+      activation=_activation(family, hf.get("hidden_activation" if family == "gemma2"
+                                            else "hidden_act")),
       tie_embeddings=hf.get("tie_word_embeddings", family.startswith("gemma")),
       qkv_bias=hf.get("attention_bias", family == "qwen2"),
       out_bias=hf.get("attention_bias", False) and family != "qwen2",
@@ -165,7 +188,9 @@ def _refuse(hf, *flags):
       raise HFError(f"config.json: {flag}=true is not supported; kdjax implements the default.")
 
 
-def _activation(name: str | None) -> str:
+def _activation(family: str, name: str | None) -> str:
+  if family == "gemma" and name == "gelu":  # what transformers makes of Gemma's legacy value
+    name = "gelu_pytorch_tanh"
   acts = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu",
           "gelu_new": "gelu", "gelu_fast": "gelu"}
   if name not in acts:
@@ -263,7 +288,7 @@ def _layer_entries(cfg: ModelConfig, family: str, p: str) -> dict[tuple[str, ...
   h, n, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.k, cfg.d_model
   if family == "gpt2":
     def part(i, shape):  # one third of the fused c_attn (Conv1D: [in, out])
-      return lambda w: np.split(w, 3, axis=-1)[i].reshape(shape)
+      return lambda w: w[..., i * d:(i + 1) * d].reshape(shape)
     e = {("attn_norm", "scale"): _same(p + "ln_1.weight"),
          ("attn_norm", "bias"): _same(p + "ln_1.bias"),
          ("mlp_norm", "scale"): _same(p + "ln_2.weight"),
@@ -355,10 +380,25 @@ def _entry(cfg, family, path, layer, names=None) -> _Entry:
 
 
 class _Tensors:
-  """Memory-mapped tensors of a directory's *.safetensors files, read one at a time."""
+  """Memory-mapped tensors of a model directory's safetensors, read one at a time.
+
+  The files are those model.safetensors.index.json names, else model.safetensors, else every
+  *.safetensors: some repositories keep other formats' files beside them (Mistral's
+  consolidated.safetensors)."""
 
   def __init__(self, path: str):
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+      with open(index) as f:
+        files = sorted({os.path.join(path, n) for n in json.load(f)["weight_map"].values()})
+      missing = [f for f in files if not os.path.isfile(f)]
+      if missing:
+        raise HFError(f"{path}: {os.path.basename(missing[0])}, named in "
+                      "model.safetensors.index.json, is missing; download the whole model.")
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+      files = [os.path.join(path, "model.safetensors")]
+    else:
+      files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
       bins = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
       hint = (" It has PyTorch pickles (.bin), which kdjax never loads: convert them to "
@@ -374,9 +414,56 @@ class _Tensors:
   def get(self, name: str) -> np.ndarray:
     return self._where[name].get_tensor(name)
 
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._where[name].get_slice(name).get_shape())
+
   def dtype(self) -> str:
-    name = next(iter(self._where))
-    return str(self.get(name).dtype)
+    """The dtype of the first tensor (read from the header; no data is read)."""
+    name = sorted(self._where)[0]
+    kind = self._where[name].get_slice(name).get_dtype()
+    return {"BF16": "bfloat16", "F32": "float32", "F16": "float32"}.get(kind, "float32")
+
+
+def _plan(path: str, cfg: ModelConfig) -> tuple[_Tensors, list, dict]:
+  """(tensors, kdjax leaves, {(leaf path, layer): _Entry}) after checking, from the files'
+  headers alone, that every tensor is there, fits its kdjax param's shape, and has a place."""
+  family = cfg.family or "llama"
+  tensors = _Tensors(path)
+  names = tensors.names()
+  abstract = _abstract_params(cfg)
+  leaves = [(tuple(k.key for k in kp), like)
+            for kp, like in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+  entries = {}
+  for p, like in leaves:
+    layer, inner = _layer_path(p, cfg)
+    want = like.shape[1:] if layer == -1 else like.shape
+    for i in (range(cfg.num_layers) if layer == -1 else [layer]):
+      entries[p, i] = entry = _entry(cfg, family, inner, i, names)
+      missing = [n for n in entry.names if n not in names]
+      if missing:
+        raise HFError(f"{path}: tensor {missing[0]} (for kdjax's {'/'.join(p)}) is missing; the "
+                      "safetensors do not fit config.json.")
+      shapes = [jax.ShapeDtypeStruct(tensors.shape(n), jnp.float32) for n in entry.names]
+      try:
+        got = jax.eval_shape(entry.to_kdjax, *shapes).shape
+      except (TypeError, ValueError):  # a reshape that cannot fit
+        got = None
+      if got != want:
+        raise HFError(f"{path}: {entry.names[0]} has shape {shapes[0].shape}, which does not "
+                      f"give kdjax's {'/'.join(p)} {want}; the safetensors do not fit "
+                      "config.json.")
+  used = {n for e in entries.values() for n in e.names}
+  ignored = _IGNORED_SUFFIXES + (("lm_head.weight",) if cfg.tie_embeddings else ())
+  unused = sorted(n for n in names - used if not n.endswith(ignored))
+  if unused:
+    raise HFError(f"{path}: tensors {unused[:3]}{'...' if len(unused) > 3 else ''} have no "
+                  f"place in a {family} model with this config.json; they disagree.")
+  return tensors, leaves, entries
+
+
+def check_checkpoint(path: str, cfg: ModelConfig) -> None:
+  """Raises HFError unless `path`'s safetensors hold exactly `cfg`'s params (reads headers only)."""
+  _plan(path, cfg)
 
 
 def load_params(path: str, cfg: ModelConfig, mesh=None, rules=None) -> Any:
@@ -384,28 +471,9 @@ def load_params(path: str, cfg: ModelConfig, mesh=None, rules=None) -> Any:
   would (on one device when `mesh` is None), in `cfg.param_dtype`."""
   from kdjax import train  # train imports model; keep hf importable on its own
 
-  family = cfg.family or "llama"
-  tensors = _Tensors(path)
-  names = tensors.names()
-  abstract = _abstract_params(cfg)
-  leaves = [(tuple(k.key for k in kp), like)
-            for kp, like in jax.tree_util.tree_flatten_with_path(abstract)[0]]
-  # Every tensor accounted for before anything is read: a wrong config is one clear error.
-  entries = {}
-  for p, _ in leaves:
-    layer, inner = _layer_path(p, cfg)
-    for i in (range(cfg.num_layers) if layer == -1 else [layer]):
-      entries[p, i] = entry = _entry(cfg, family, inner, i, names)
-      missing = [n for n in entry.names if n not in names]
-      if missing:
-        raise HFError(f"{path}: tensor {missing[0]} (for kdjax's {'/'.join(p)}) is missing; the "
-                      "safetensors do not fit config.json.")
-  used = {n for e in entries.values() for n in e.names}
-  unused = sorted(n for n in names - used if not n.endswith(_IGNORED_SUFFIXES))
-  if unused:
-    raise HFError(f"{path}: tensors {unused[:3]}{'...' if len(unused) > 3 else ''} have no "
-                  f"place in a {family} model with this config.json; they disagree.")
-
+  tensors, leaves, entries = _plan(path, cfg)
+  abstract = jax.tree_util.tree_unflatten(jax.tree.structure(_abstract_params(cfg)),
+                                          [like for _, like in leaves])
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
@@ -413,21 +481,9 @@ def load_params(path: str, cfg: ModelConfig, mesh=None, rules=None) -> Any:
     shardings = train.param_shardings(cfg, mesh, rules)
   param_dtype = jnp.dtype(cfg.param_dtype)
 
-  shapes = {p: like.shape[1:] if _layer_path(p, cfg)[0] == -1 else like.shape
-            for p, like in leaves}
-
   def one_layer(p, i):
     entry = entries[p, i]
-    hf_tensors = [tensors.get(n) for n in entry.names]
-    try:
-      value = entry.to_kdjax(*hf_tensors)
-    except ValueError:  # a reshape that cannot fit
-      value = None
-    if value is None or value.shape != shapes[p]:
-      raise HFError(f"{path}: {entry.names[0]} has shape {hf_tensors[0].shape}, which does not "
-                    f"give kdjax's {'/'.join(p)} {shapes[p]}; the safetensors do not fit "
-                    "config.json.")
-    return value.astype(param_dtype)
+    return np.asarray(entry.to_kdjax(*[tensors.get(n) for n in entry.names])).astype(param_dtype)
 
   arrays = []
   for p, like in leaves:
@@ -479,7 +535,10 @@ def _leaf(tree, path):
 def load_pretrained(path: str, *, dtype: str | None = None, param_dtype: str | None = None,
                     mesh=None, rules=None, scan_layers: bool = True) -> tuple[ModelConfig, Any]:
   """(ModelConfig, params) of a Hugging Face model directory."""
-  cfg = model_config(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+  hf = read_config(path)
+  if not (param_dtype or hf.get("dtype") or hf.get("torch_dtype")):
+    param_dtype = _Tensors(path).dtype()  # config.json does not say: the tensors do
+  cfg = model_config(hf, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
   return cfg, load_params(path, cfg, mesh, rules)
 
 
@@ -540,33 +599,32 @@ def save_pretrained(path: str, cfg: ModelConfig, params: Any, *, tokenizer_dir: 
   writing = jax.process_index() == 0
   if writing:
     os.makedirs(path, exist_ok=True)
-  shards, current, size = [], {}, 0
+  names, current, size = [], {}, 0  # names: each written shard's tensor names
+
+  def flush():
+    nonlocal current, size
+    if writing:
+      save_file(current, os.path.join(path, f".shard-{len(names)}.safetensors"),
+                metadata={"format": "pt"})
+    names.append(list(current))
+    current, size = {}, 0  # every process drops its host copies
+
   for name, tensor in _hf_tensors(cfg, params, dtype):
     current[name] = np.ascontiguousarray(tensor)
     size += tensor.nbytes
     if size >= max_shard_bytes:
-      shards.append(current)
-      current, size = {}, 0
-      if writing:
-        _write_shard(path, shards, len(shards) - 1)
-  if current or not shards:
-    shards.append(current)
-    if writing:
-      _write_shard(path, shards, len(shards) - 1)
+      flush()
+  if current or not names:
+    flush()
   if not writing:
     return
-  _rename_shards(path, len(shards), [list(s) for s in shards])
+  _rename_shards(path, len(names), names)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
   if tokenizer_dir:
-    for name in TOKENIZER_FILES:
+    for name in (*hf_tokenizer.TOKENIZER_FILES, "generation_config.json"):
       if os.path.isfile(os.path.join(tokenizer_dir, name)):
         shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(path, name))
-
-
-def _write_shard(path, shards, i):
-  save_file(shards[i], os.path.join(path, f".shard-{i}.safetensors"), metadata={"format": "pt"})
-  shards[i] = {name: None for name in shards[i]}  # free the host copies, keep the names
 
 
 def _rename_shards(path: str, count: int, names: list[list[str]]) -> None:

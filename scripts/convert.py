@@ -9,7 +9,8 @@
 
 --src is only read. --dst must be new or empty. For orbax -> HF, --src is a kdjax phase's
 checkpoints folder (or one --hf_to_orbax wrote); the model is the run config's --model field
-(student or teacher), exported as its ModelConfig.family ('' = llama) unless --family is given.
+(student or teacher), exported as its ModelConfig.family ('' = llama) unless --family is given,
+from the kept checkpoint with the lowest held-out loss (or --step).
 Params are placed FSDP-sharded over every device, then written one tensor at a time.
 """
 
@@ -36,6 +37,8 @@ _MODEL = flags.DEFINE_string("model", "student", "orbax -> HF: the run config's 
 _FAMILY = flags.DEFINE_string("family", "", f"orbax -> HF: one of {hf.FAMILIES}; '' = the "
                               "model's own ModelConfig.family (or llama).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "orbax -> HF: copy this dir's tokenizer files.")
+_STEP = flags.DEFINE_integer("step", None, "orbax -> HF: the checkpoint step; unset = the one "
+                             "with the lowest held-out loss (the latest if none was measured).")
 _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "", "Store params in this dtype ('' keeps "
                                    "the source's).")
 
@@ -55,7 +58,7 @@ def hf_to_orbax(src: str, dst: str, param_dtype: str) -> ModelConfig:
 
 
 def orbax_to_hf(src: str, dst: str, model: str, family: str, tokenizer: str,
-                param_dtype: str) -> ModelConfig:
+                param_dtype: str, step: int | None = None) -> ModelConfig:
   saved = checkpoint.saved_config(src)
   if saved is None or model not in saved:
     raise SystemExit(f"--src: {src} holds no kdjax checkpoint with a {model!r} model; point it "
@@ -67,7 +70,9 @@ def orbax_to_hf(src: str, dst: str, model: str, family: str, tokenizer: str,
   shardings = train.param_shardings(cfg, mesh, sharding.DEFAULT_RULES)
   like = jax.eval_shape(lambda: train.init_params(cfg, jax.random.key(0), mesh,
                                                   sharding.DEFAULT_RULES))
-  params, _ = checkpoint.load_params(src, like, shardings)
+  step = checkpoint.best_step(src) if step is None else step
+  params, step = checkpoint.load_params(src, like, shardings, step)
+  print(f"exporting step {step} of {src}")
   hf.save_pretrained(dst, cfg, params, tokenizer_dir=tokenizer or None,
                      dtype=param_dtype or None)
   return cfg
@@ -84,7 +89,7 @@ def main(argv):
       cfg = hf_to_orbax(_SRC.value, _DST.value, _PARAM_DTYPE.value)
     else:
       cfg = orbax_to_hf(_SRC.value, _DST.value, _MODEL.value, _FAMILY.value, _TOKENIZER.value,
-                        _PARAM_DTYPE.value)
+                        _PARAM_DTYPE.value, _STEP.value)
   except (hf.HFError, FileExistsError) as e:
     raise SystemExit(f"error: {e}") from None
   print(f"wrote {_DST.value}: {cfg.family or 'llama'}, {cfg.num_params():,d} params, "

@@ -37,8 +37,8 @@ FAMILIES = {
     "mistral": (transformers.MistralConfig, dict(COMMON, sliding_window=4, head_dim=8)),
     "qwen2": (transformers.Qwen2Config, dict(COMMON, rope_theta=1e6, tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(COMMON, head_dim=16, tie_word_embeddings=False)),
-    "gemma": (transformers.GemmaConfig, dict(COMMON, head_dim=16,
-                                             hidden_activation="gelu_pytorch_tanh")),
+    # Gemma 1's released configs say hidden_act="gelu", which transformers runs as tanh-GELU.
+    "gemma": (transformers.GemmaConfig, dict(COMMON, head_dim=16, hidden_act="gelu")),
     # Soft-caps low enough that tanh bends the scores and logits; windows shorter than L.
     "gemma2": (transformers.Gemma2Config, dict(
         COMMON, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
@@ -251,3 +251,65 @@ def test_loads_straight_into_a_sharded_layout(saved):
                        text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
+
+
+def _copy_model(src, dst, config_edit=None, extra=None):
+  """A copy of model directory `src` (hard links) with config.json edited and files added."""
+  os.makedirs(dst)
+  for name in os.listdir(src):
+    os.link(os.path.join(src, name), os.path.join(dst, name))
+  if config_edit:
+    config = config_edit(hf.read_config(src))
+    os.unlink(os.path.join(dst, "config.json"))
+    with open(os.path.join(dst, "config.json"), "w") as f:
+      json.dump(config, f)
+  for name, tensors in (extra or {}).items():
+    from safetensors.numpy import save_file
+    save_file(tensors, os.path.join(dst, name), metadata={"format": "pt"})
+
+
+def test_fields_a_config_leaves_out_take_transformers_defaults(saved, tmp_path):
+  # Without the soft-cap fields transformers caps at 50 and 30: kdjax must do the same.
+  path, _ = saved["gemma2"]
+  drop = ("attn_logit_softcapping", "final_logit_softcapping")
+  bare = str(tmp_path / "bare")
+  _copy_model(path, bare, lambda c: {k: v for k, v in c.items() if k not in drop})
+  cfg, params = hf.load_pretrained(bare)
+  assert (cfg.attn_softcap, cfg.logit_softcap) == (50.0, 30.0)
+  model = transformers.AutoModelForCausalLM.from_pretrained(bare, attn_implementation="eager")
+  tokens, mask = _batch()
+  _assert_close(_kdjax_logits(cfg, params, tokens, mask), _hf_logits(model, tokens, mask), mask)
+  with pytest.raises(hf.HFError, match="missing field 'hidden_size'"):
+    hf.model_config({k: v for k, v in hf.read_config(path).items() if k != "hidden_size"})
+
+
+def test_only_the_indexed_or_named_files_are_read(saved, tmp_path):
+  # Mistral's repositories keep consolidated.safetensors (another layout) beside the HF files,
+  # and a tied model may still carry lm_head.weight: transformers ignores both, so does kdjax.
+  path, model = saved["mistral"]
+  stray = {"consolidated.safetensors": {"tok_embeddings.weight": np.zeros((V, 32), np.float32)}}
+  copy = str(tmp_path / "mistral")
+  _copy_model(path, copy, extra=stray)
+  cfg, params = hf.load_pretrained(copy)
+  tokens, mask = _batch()
+  _assert_close(_kdjax_logits(cfg, params, tokens, mask), _hf_logits(model, tokens, mask), mask)
+  qwen, _ = saved["qwen2"]  # tied
+  from safetensors.numpy import load_file
+  tensors = load_file(os.path.join(qwen, "model.safetensors"))
+  tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+  tied = str(tmp_path / "tied")
+  _copy_model(qwen, tied)
+  os.unlink(os.path.join(tied, "model.safetensors"))
+  from safetensors.numpy import save_file
+  save_file(tensors, os.path.join(tied, "model.safetensors"), metadata={"format": "pt"})
+  assert hf.load_pretrained(tied)[0].tie_embeddings
+
+
+def test_bf16_tensors_without_a_dtype_in_config_stay_bf16(tmp_path):
+  model = _hf_model("llama", dtype=torch.bfloat16)
+  model.save_pretrained(str(tmp_path / "m"))
+  _copy_model(str(tmp_path / "m"), str(tmp_path / "c"),
+              lambda c: {k: v for k, v in c.items() if k not in ("dtype", "torch_dtype")})
+  cfg, params = hf.load_pretrained(str(tmp_path / "c"))
+  assert cfg.param_dtype == "bfloat16"
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from configs import hf_distill  # noqa: E402
-from kdjax import experiment, hf, sharding  # noqa: E402
+from kdjax import checkpoint, experiment, hf  # noqa: E402
 from kdjax.data import tokenizer as tokenizer_lib  # noqa: E402
 from kdjax.model import Transformer  # noqa: E402
 import fake_corpus  # noqa: E402
@@ -90,11 +91,14 @@ def test_prune_distill_export(tmp_path):
   _script("convert").orbax_to_hf(os.path.join(workdir, "distilled", "checkpoints"), out,
                                  "student", "", str(t_dir), "")
   s_cfg_run = hf.model_config(s_dir)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
-  params, _ = experiment.load_params(
-      experiment.ModelConfig.from_dict(config.student), os.path.join(workdir, "distilled",
-                                                                     "checkpoints"),
-      mesh, sharding.DEFAULT_RULES)
+  # The export is the kept checkpoint with the lowest held-out loss.
+  ckpts = os.path.join(workdir, "distilled", "checkpoints")
+  val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+  best = min(val, key=val.get)
+  assert checkpoint.best_step(ckpts) == best
+  like = hf._abstract_params(s_cfg_run)
+  shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), like)
+  params, step = checkpoint.load_params(ckpts, like, shardings, best)
   tok = tokenizer_lib.load(out)
   ids = tok.encode("KING. My lords, what news?")
   exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -107,3 +111,36 @@ def test_prune_distill_export(tmp_path):
   # And it differs from the pruned init: training changed it.
   init = np.asarray(Transformer(s_cfg_run).apply({"params": s_params}, jnp.asarray([ids])))
   assert np.abs(ours - init).max() > 1e-3
+
+
+def _tiny_qwen(directory, tokenizer_builder):
+  model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
+      vocab_size=768, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+  model.save_pretrained(str(directory))
+  tok_dir = directory.parent / (directory.name + "_tok")
+  tok_dir.mkdir()
+  tokenizer_builder(str(tok_dir))
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copyfile(tok_dir / name, directory / name)
+
+
+def test_a_student_with_another_tokenizer_or_unreadable_weights_is_refused_early(tmp_path):
+  from kdjax import config_check
+  from test_hf_tokenizer import _llama3
+  teacher, same, other = tmp_path / "teacher", tmp_path / "same", tmp_path / "other"
+  _tiny_qwen(teacher, _qwen)
+  _tiny_qwen(same, _qwen)
+  _tiny_qwen(other, _llama3)  # same vocabulary size (768 rows), different ids
+  phases = ("distilled",)
+  experiment.check_teacher_checkpoint(
+      hf_distill.get_config(f"teacher={teacher},student={same}"), str(tmp_path), phases)
+  config = hf_distill.get_config(f"teacher={teacher},student={other}")
+  with pytest.raises(config_check.ConfigError, match=r"config\.student_init: the tokenizer"):
+    experiment.check_teacher_checkpoint(config, str(tmp_path), phases)
+  # Weights that do not fit config.json: named by the field, before any data or compile work.
+  (same / "model.safetensors").unlink()
+  (same / "pytorch_model.bin").write_bytes(b"never unpickled")
+  config = hf_distill.get_config(f"teacher={teacher},student={same}")
+  with pytest.raises(config_check.ConfigError, match=r"config\.student_init: .*never loads"):
+    experiment.check_teacher_checkpoint(config, str(tmp_path), phases)

@@ -67,6 +67,36 @@ def is_hugging_face(path: str | os.PathLike[str]) -> bool:
   return os.path.isdir(path) or os.path.basename(path) in (TOKENIZER_JSON, SENTENCEPIECE_MODEL)
 
 
+def has_tokenizer(path: str | os.PathLike[str]) -> bool:
+  """Whether `path` is a tokenizer.json / tokenizer.model, or a directory holding one."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return any(os.path.isfile(os.path.join(path, n)) for n in (TOKENIZER_JSON, SENTENCEPIECE_MODEL))
+  return os.path.isfile(path) and is_hugging_face(path)
+
+
+# Text in many scripts, digits, whitespace runs and punctuation: two tokenizers that give it the
+# same ids, with the same size and special ids, are one tokenizer for every practical purpose.
+_PROBE = ("The quick brown fox jumps over the lazy dog. 1234567890 3.14159 -42 1e-9\n"
+          "  indented\tand\ttabbed  lines;\n\nCafé naïve façade — Ünïcödé. Привет, мир! "
+          "東京で会いましょう。 안녕하세요 مرحبا שלום नमस्ते 🙂🚀 <tag attr=\"x\"> {json: [1, 2]} "
+          "def f(x): return x ** 2  # code\n" * 2)
+
+
+def difference(a: 'HFTokenizer', b: 'HFTokenizer') -> str | None:
+  """None if `a` and `b` act alike (size, special ids, ids of a multilingual probe text), else
+  what differs first, in a few words."""
+  for name in ('vocab_size', 'bos_id', 'eos_id'):
+    if getattr(a, name) != getattr(b, name):
+      return f'{name} {getattr(a, name)} vs {getattr(b, name)}'
+  ids_a, ids_b = a.encode(_PROBE), b.encode(_PROBE)
+  if ids_a != ids_b:
+    at = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y),
+              min(len(ids_a), len(ids_b)))
+    return f'ids differ from token {at} of a probe text: {ids_a[at:at + 3]} vs {ids_b[at:at + 3]}'
+  return None
+
+
 def copy_files(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[str]) -> list[str]:
   """Copies the tokenizer files of a model directory (TOKENIZER_FILES that exist); returns them."""
   names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))]
