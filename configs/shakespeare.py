@@ -39,6 +39,10 @@ def _train(*, steps, learning_rate, warmup_steps):
       weight_decay=0.1, grad_clip=1.0, b1=0.9, b2=0.95, grad_accum_steps=1))
 
 
+def _schedule(*, end):
+  return ml_collections.ConfigDict(dict(kind="constant", end=end, steps=0))
+
+
 def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -97,6 +101,20 @@ def get_config(arg=None):
       # > 0: the fused loss in chunks of this many tokens, never holding [B, L, V] logits
       # (losses.chunked_distillation_loss); worth it when vocab x seq_len is large.
       loss_chunk_size=0,
+      # Feature distillation (kdjax.features), added to the loss as
+      # feature_weight * hidden-state loss + attention_weight * attention-map KL; 0 = off.
+      feature_weight=0.0,
+      feature_loss="mse",  # 'mse', or 'cosine' (blind to the hidden states' scale)
+      # ((student_layer, teacher_layer), ...), 0-based; () = uniform: student layer i <->
+      # teacher layer round((i + 1) * S_t / S_s) - 1, halves up. Both terms use these pairs.
+      feature_layers=(),
+      attention_weight=0.0,  # KL(teacher || student) of head-averaged attention maps
+      # Schedules (kdjax.schedules): 'constant' keeps the plain field above; 'linear' or
+      # 'cosine' go from it to `end` over `steps` steps (0 = the whole phase), then hold `end`.
+      # e.g. --config.distill.temperature_schedule.kind=linear ...temperature_schedule.end=1
+      alpha_schedule=_schedule(end=0.5),
+      temperature_schedule=_schedule(end=1.0),
+      feature_weight_schedule=_schedule(end=0.0),
   ))
 
   # How the frozen teacher runs during distillation and evaluation: '' keeps config.teacher's

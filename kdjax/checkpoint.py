@@ -2,7 +2,8 @@
 
 A checkpoint holds four items, so each can be restored on its own:
   params  the model params (all a teacher load needs)
-  train   step, optimizer state and RNG
+  train   step, optimizer state and RNG (and the feature projection, TrainState.aux_params, which
+          is trained but never exported: kdjax.features)
   data    the grain iterator state (JSON), so a resumed run sees the same batches
   config  the run's config (JSON), for the record
 """
@@ -39,9 +40,13 @@ def config_hash(config: dict) -> str:
 
 
 def _train_item(state: TrainState) -> dict:
-  """Everything in the state but the params: step, optimizer state, RNG, NaN-guard counters."""
-  return {f: getattr(state, f) for f in ("step", "opt_state", "rng", "skipped_steps",
-                                         "nonfinite_streak")}
+  """Everything in the state but the params: step, optimizer state, RNG, NaN-guard counters,
+  and aux_params where there are any (a state without them saves exactly what it always did)."""
+  item = {f: getattr(state, f) for f in ("step", "opt_state", "rng", "skipped_steps",
+                                       "nonfinite_streak")}
+  if state.aux_params is not None:
+    item["aux_params"] = state.aux_params
+  return item
 
 
 class PhaseCheckpoints:

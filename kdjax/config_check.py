@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kdjax import losses, sharding
+from kdjax import losses, schedules, sharding
 from kdjax.model import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, ModelConfig
 
 MODES = ("experiment", "teacher", "distill", "scratch", "eval")
@@ -32,6 +32,20 @@ _NON_MATH_DATA = {"data.data_dir", "data.archive", "data.eval_split", "data.eval
                   "data.eval_batches", "data.val_split", "data.val_batches"}
 _TRAIN_KEYS = {"steps", "learning_rate", "warmup_steps", "end_lr_fraction", "weight_decay",
                "grad_clip", "b1", "b2", "grad_accum_steps"}
+# Distill fields added after runs were first saved, at the values that reproduce those runs.
+_DISTILL_DEFAULTS = {
+    "distill.feature_weight": 0.0, "distill.feature_loss": "mse", "distill.feature_layers": [],
+    "distill.attention_weight": 0.0,
+    **{f"distill.{name}_schedule.{key}": value
+       for name in ("alpha", "temperature", "feature_weight")
+       for key, value in (("kind", "constant"), ("end", None), ("steps", 0))},
+}
+# Each schedulable field: its range as (check, wording) for the plain value and the schedule end.
+_SCHEDULED = {
+    "alpha": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "temperature": (lambda v: v > 0, "must be positive"),
+    "feature_weight": (lambda v: v >= 0, "must be >= 0"),
+}
 
 
 class ConfigError(ValueError):
@@ -123,6 +137,10 @@ def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None
         old.setdefault(f"{section}.{f.name}", f.default)
   for key in ("teacher_hf", "student_init"):
     old.setdefault(key, "")
+  if "distill" in saved:
+    for key, value in _DISTILL_DEFAULTS.items():
+      # A constant schedule ignores its end: an older run matches whatever end is set now.
+      old.setdefault(key, new.get(key) if value is None else value)
   changed = []
   for key in sorted(set(old) | set(new)):
     if key.split(".")[0] in PHASE_FIELDS[phase] and key not in _NON_MATH_DATA:
@@ -157,6 +175,39 @@ def _check_frozen_teacher(config: Any) -> None:
   _check_rules(frozen.get("sharding_rules", []), "frozen_teacher.sharding_rules")
 
 
+def _check_features(d: Any, teacher: ModelConfig, student: ModelConfig) -> None:
+  """Feature-distillation fields and the loss schedules of config.distill (kdjax.features,
+  kdjax.schedules); a config from before they existed (no such fields) passes unchanged."""
+  for field in ("feature_weight", "attention_weight"):
+    value = d.get(field, 0.0)
+    _require(value >= 0, f"distill.{field}", f"must be >= 0 (0 = off), got {value}.")
+  kind = d.get("feature_loss", "mse")
+  _require(kind in losses.HIDDEN_LOSSES, "distill.feature_loss",
+           f"unknown {kind!r}; use one of {losses.HIDDEN_LOSSES}.")
+  for pair in d.get("feature_layers", ()):
+    ok = (isinstance(pair, (list, tuple)) and len(pair) == 2
+          and all(isinstance(x, int) and not isinstance(x, bool) for x in pair))
+    _require(ok, "distill.feature_layers",
+             f"bad pair {pair!r}; write ((student_layer, teacher_layer), ...) with integers.")
+    _require(0 <= pair[0] < student.num_layers and 0 <= pair[1] < teacher.num_layers,
+             "distill.feature_layers",
+             f"pair {tuple(pair)} is out of range: student layers are 0..{student.num_layers - 1}"
+             f", teacher layers 0..{teacher.num_layers - 1}.")
+  for name, (in_range, wording) in _SCHEDULED.items():
+    sched = d.get(f"{name}_schedule", None)
+    if sched is None:
+      continue
+    field = f"distill.{name}_schedule"
+    _require(sched.get("kind", "constant") in schedules.KINDS, f"{field}.kind",
+             f"unknown {sched.get('kind')!r}; use one of {schedules.KINDS}.")
+    if sched.get("kind", "constant") == "constant":
+      continue  # end and steps are unused
+    _require(in_range(sched.get("end", 0.0)), f"{field}.end",
+             f"{wording} like distill.{name} (got {sched.get('end')}).")
+    _require(sched.get("steps", 0) >= 0, f"{field}.steps",
+             f"must be >= 0 (0 = the whole phase), got {sched.get('steps')}.")
+
+
 def _check_run_settings(config: Any) -> None:
   for field in ("log_every", "checkpoint_every", "keep_checkpoints", "nonfinite_patience"):
     _require(config[field] >= 1, field, f"must be >= 1 (got {config[field]}).")
@@ -186,6 +237,7 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
 
   teacher = check_model(config.teacher, "teacher")
   student = check_model(config.student, "student")
+  _check_features(d, teacher, student)
   data = config.data
   # Vocabularies may differ by padding rows only: every tokenizer id must index both models.
   _require(data.vocab_size <= teacher.vocab_size, "data.vocab_size",

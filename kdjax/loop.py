@@ -111,7 +111,11 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
   """
   tx = train.make_optimizer(train_cfg)
   schedule = train.make_schedule(train_cfg)
-  state, state_shardings = train.create_train_state(model_cfg, tx, seed, mesh, rules)
+  if distill is not None:  # loss schedules with steps=0 span the phase
+    distill = distill.resolved(int(train_cfg.steps))
+  # With feature distillation between widths the state also holds the learned projection.
+  state, state_shardings = train.create_train_state(
+      model_cfg, tx, seed, mesh, rules, t_cfg=teacher and teacher.cfg, distill=distill)
   ckpts = checkpoint.PhaseCheckpoints(os.path.join(phase_dir, "checkpoints"),
                                       max_to_keep=keep_checkpoints)
   data_iter = make_train_iter()

@@ -34,6 +34,11 @@ def _upcast(x: Array) -> Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _is_static(x) -> bool:
+  """A Python (or NumPy) number, fixed at trace time, as opposed to a (traced) jax array."""
+  return not isinstance(x, jax.Array)
+
+
 def _log_probs(logits_BxLxV: Array, temperature: float) -> Array:
   """log softmax(logits / T), in at least float32."""
   return jax.nn.log_softmax(_upcast(logits_BxLxV) / temperature, axis=-1)
@@ -213,22 +218,26 @@ def distillation_loss(s_logits_BxLxV: Array, t_logits_BxLxV: Array, labels_BxL: 
                       skew: float = 0.1) -> tuple[Array, dict[str, Array]]:
   """alpha * soft + (1 - alpha) * hard, with soft the divergence `loss` and hard the CE.
 
-  alpha is a static Python float: alpha == 0 skips the soft loss (reported as 0); alpha == 1 still
-  reports the cross-entropy, which is cheap and worth watching, but keeps it out of the loss.
+  alpha is normally a static Python float: alpha == 0 skips the soft loss (reported as 0); alpha ==
+  1 still reports the cross-entropy, which is cheap and worth watching, but keeps it out of the
+  loss. A scheduled alpha or temperature (kdjax.schedules) comes in as a traced float32 scalar
+  instead: then both terms are always computed and blended arithmetically.
   Returns (loss, metrics) with float32 scalar metrics loss, soft_loss, hard_loss, num_tokens.
   """
   _divergence(loss)  # Fail on a typo in the config even when alpha == 0.
-  if not 0.0 <= alpha <= 1.0:
+  static_alpha = _is_static(alpha)
+  if static_alpha and not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha}")
   hard = cross_entropy(s_logits_BxLxV, labels_BxL, mask_BxL)
-  if alpha == 0.0:
+  if static_alpha and alpha == 0.0:
     soft = jnp.zeros_like(hard)
     total = hard
   else:
     soft = soft_loss(loss, s_logits_BxLxV, t_logits_BxLxV, mask_BxL,
                      temperature=temperature, beta=beta, skew=skew)
     # A Python branch, not 0 * hard: with alpha == 1 a NaN or inf CE must not reach the loss.
-    total = soft if alpha == 1.0 else alpha * soft + (1.0 - alpha) * hard
+    total = (soft if static_alpha and alpha == 1.0
+             else alpha * soft + (1.0 - alpha) * hard)
   metrics = {
       "loss": total,
       "soft_loss": soft,
@@ -249,6 +258,66 @@ def top1_agreement(s_logits_BxLxV: Array, t_logits_BxLxV: Array, mask_BxL: Array
   _check_pair(s_logits_BxLxV, t_logits_BxLxV)
   agree_BxL = jnp.argmax(s_logits_BxLxV, axis=-1) == jnp.argmax(t_logits_BxLxV, axis=-1)
   return _masked_mean(agree_BxL.astype(jnp.float32), mask_BxL)
+
+
+# --------------------------------------------------------- features: hidden states, attention
+#
+# M mapped layer pairs (see kdjax.features); D is the teacher's width (the student's hidden states
+# are projected to it first when widths differ).
+
+HIDDEN_LOSSES = ("mse", "cosine")
+# Squared norms are floored here before normalising, so a zero vector stays zero (no NaN).
+_SQUARED_NORM_FLOOR = 1e-16
+
+
+def _unit(x_MxBxLxD: Array) -> Array:
+  sq_MxBxLx1 = jnp.sum(jnp.square(x_MxBxLxD), axis=-1, keepdims=True)
+  return x_MxBxLxD * jax.lax.rsqrt(jnp.maximum(sq_MxBxLx1, _SQUARED_NORM_FLOOR))
+
+
+def hidden_state_loss(s_hidden_MxBxLxD: Array, t_hidden_MxBxLxD: Array, mask_BxL: Array, *,
+                      kind: str = "mse") -> Array:
+  """Mean over the M layer pairs and the real tokens of a per-token hidden-state distance.
+
+  mse: the mean over D of (s - t)^2 (a mean, not a sum, so widths compare across model sizes).
+  cosine: 1 - cos(s, t), blind to scale: the student need not match the teacher's norms. It is
+  computed as |s/|s| - t/|t||^2 / 2 (the same number), which is exactly 0 when s == t whatever
+  the compiler does to the normalisation, and free of the cancellation in 1 - cos near 0.
+  A zero vector counts as the zero unit vector: its distance to anything is 1/2.
+  """
+  if s_hidden_MxBxLxD.shape != t_hidden_MxBxLxD.shape:
+    raise ValueError(f"student hidden states {s_hidden_MxBxLxD.shape} and teacher's "
+                     f"{t_hidden_MxBxLxD.shape} differ in shape (project the student's first)")
+  s, t = _upcast(s_hidden_MxBxLxD), _upcast(t_hidden_MxBxLxD)
+  if kind == "mse":
+    per_token_MxBxL = jnp.mean(jnp.square(s - t), axis=-1)
+  elif kind == "cosine":
+    per_token_MxBxL = 0.5 * jnp.sum(jnp.square(_unit(s) - _unit(t)), axis=-1)
+  else:
+    raise ValueError(f"unknown hidden-state loss {kind!r}; use one of {HIDDEN_LOSSES}")
+  return _masked_mean(jnp.mean(per_token_MxBxL, axis=0), mask_BxL)
+
+
+def attention_kl(s_attn_MxBxLxL: Array, t_attn_MxBxLxL: Array, mask_BxL: Array) -> Array:
+  """KL(teacher || student) between attention distributions, per query token (a row over the
+  keys), mean over the M layer pairs and the real query tokens. No temperature, no T^2.
+
+  Keys a query may not see have probability exactly 0 in both maps (0 log 0 = 0). A student
+  probability that underflows to 0 where the teacher's is not is floored at the smallest normal
+  float, so the loss stays finite (and large) instead of inf.
+  """
+  if s_attn_MxBxLxL.shape != t_attn_MxBxLxL.shape:
+    raise ValueError(f"student attention maps {s_attn_MxBxLxL.shape} and teacher's "
+                     f"{t_attn_MxBxLxL.shape} differ in shape")
+  p_MxBxLxL, q_MxBxLxL = _upcast(t_attn_MxBxLxL), _upcast(s_attn_MxBxLxL)
+  seen_MxBxLxL = p_MxBxLxL > 0
+  # The inner where keeps log(0) out of the graph: in the unselected branch of the outer one it
+  # would still poison the gradient (as in _kl_BxL).
+  log_ratio_MxBxLxL = jnp.where(
+      seen_MxBxLxL, jnp.log(jnp.where(seen_MxBxLxL, p_MxBxLxL, 1.0))
+      - jnp.log(jnp.maximum(q_MxBxLxL, jnp.finfo(q_MxBxLxL.dtype).tiny)), 0.0)
+  per_query_MxBxL = jnp.sum(p_MxBxLxL * log_ratio_MxBxLxL, axis=-1)
+  return _masked_mean(jnp.mean(per_query_MxBxL, axis=0), mask_BxL)
 
 
 # ------------------------------------------------------------------ chunked, fused from hidden states
@@ -282,7 +351,7 @@ def chunked_distillation_loss(s_hidden_BxLxD: Array, s_unembed_DxV: Array, t_hid
   Returns (loss, metrics) exactly like `distillation_loss`.
   """
   _divergence(loss)
-  if not 0.0 <= alpha <= 1.0:
+  if _is_static(alpha) and not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha}")
   if chunk_size < 0:
     raise ValueError(f"chunk_size must be >= 0 (0 = unchunked), got {chunk_size}")
@@ -294,10 +363,15 @@ def chunked_distillation_loss(s_hidden_BxLxD: Array, s_unembed_DxV: Array, t_hid
   if labels_BxL.shape != mask_BxL.shape or s_hidden_BxLxD.shape[:-1] != labels_BxL.shape:
     raise ValueError(f"hidden {s_hidden_BxLxD.shape}, labels {labels_BxL.shape} and mask "
                      f"{mask_BxL.shape} must share their leading [B, L] shape")
-  settings = _ChunkSettings(loss, float(temperature), float(alpha), float(beta), float(skew),
+  # Static settings are baked into the compiled loss; a traced (scheduled) alpha or temperature
+  # is None here and rides in `knobs`, an ordinary argument whose cotangent is zero.
+  static = lambda x: float(x) if _is_static(x) else None
+  settings = _ChunkSettings(loss, static(temperature), static(alpha), float(beta), float(skew),
                             float(s_logit_softcap), float(t_logit_softcap), int(chunk_size))
+  knobs = tuple(jnp.zeros((), jnp.float32) if _is_static(x) else jnp.asarray(x, jnp.float32)
+                for x in (alpha, temperature))
   total, soft, hard = _fused_loss(settings, s_hidden_BxLxD, s_unembed_DxV, t_hidden_BxLxD,
-                                  t_unembed_DxV, labels_BxL, mask_BxL)
+                                  t_unembed_DxV, labels_BxL, mask_BxL, knobs)
   # Only the total is differentiable: the metrics are for logging.
   metrics = {"loss": total, "soft_loss": jax.lax.stop_gradient(soft),
              "hard_loss": jax.lax.stop_gradient(hard),
@@ -307,8 +381,8 @@ def chunked_distillation_loss(s_hidden_BxLxD: Array, s_unembed_DxV: Array, t_hid
 
 class _ChunkSettings(NamedTuple):
   loss: str
-  temperature: float
-  alpha: float
+  temperature: float | None  # None: traced, read from `knobs`
+  alpha: float | None  # None: traced, read from `knobs`
   beta: float
   skew: float
   s_softcap: float
@@ -323,8 +397,11 @@ def _chunks(x: Array, per_row: int, padded_len: int) -> Array:
   return jnp.swapaxes(x, 0, 1)
 
 
-def _fused_forward(cfg: _ChunkSettings, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask):
+def _fused_forward(cfg: _ChunkSettings, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask,
+                   knobs):
   """(total, soft mean, hard mean) and the gradients of total w.r.t. s_hidden and s_unembed.
+
+  `knobs` = (alpha, temperature) float32 scalars, read only where `cfg` holds None for them.
 
   Chunks cut the length axis and keep the batch axis whole: a chunk is [B, chunk_size / B]
   tokens, so with the batch sharded over devices each device works on its own rows.
@@ -337,6 +414,8 @@ def _fused_forward(cfg: _ChunkSettings, s_hidden, s_unembed, t_hidden, t_unembed
   xs = (_chunks(s_hidden, per_row, padded_len), _chunks(t_hidden, per_row, padded_len),
         _chunks(labels, per_row, padded_len), _chunks(mask_f32, per_row, padded_len))
   t_unembed = jax.lax.stop_gradient(t_unembed)
+  alpha = cfg.alpha if cfg.alpha is not None else knobs[0]
+  temperature = cfg.temperature if cfg.temperature is not None else knobs[1]
 
   def body(carry, chunk_xs):
     # C: the chunk's positions in each row; a chunk holds B x C tokens.
@@ -352,12 +431,12 @@ def _fused_forward(cfg: _ChunkSettings, s_hidden, s_unembed, t_hidden, t_unembed
       ce_BxC = _ce_per_token(s_logits_BxCxV, labels_BxC)
       hard = jnp.sum(jnp.where(keep, ce_BxC * mask_BxC, 0.0))
       soft = jnp.zeros((), jnp.float32)
-      if cfg.alpha > 0.0:
+      if cfg.alpha is None or cfg.alpha > 0.0:
         per_token_BxC = _soft_per_token(cfg.loss, s_logits_BxCxV, t_logits_BxCxV,
-                                        temperature=cfg.temperature, beta=cfg.beta,
+                                        temperature=temperature, beta=cfg.beta,
                                         skew=cfg.skew)
-        soft = cfg.temperature**2 * jnp.sum(jnp.where(keep, per_token_BxC * mask_BxC, 0.0))
-      return _blend(cfg.alpha, soft, hard) / denom, (soft, hard)
+        soft = temperature**2 * jnp.sum(jnp.where(keep, per_token_BxC * mask_BxC, 0.0))
+      return _blend(alpha, soft, hard) / denom, (soft, hard)
 
     # The matmuls run on the chunk's tokens flattened to 2-D (T = B * C): XLA:CPU contracts two
     # axes at once (the d_unembed matmul) much more slowly.
@@ -378,12 +457,14 @@ def _fused_forward(cfg: _ChunkSettings, s_hidden, s_unembed, t_hidden, t_unembed
   d_hidden = jnp.swapaxes(d_hidden, 0, 1).reshape(b, padded_len, -1)[:, :length]
   d_hidden = d_hidden.astype(s_hidden.dtype)
   soft, hard = soft_sum / denom, hard_sum / denom
-  return (_blend(cfg.alpha, soft, hard), soft, hard), (d_hidden, d_unembed.astype(s_unembed.dtype))
+  return (_blend(alpha, soft, hard), soft, hard), (d_hidden, d_unembed.astype(s_unembed.dtype))
 
 
-def _blend(alpha: float, soft: Array, hard: Array) -> Array:
+def _blend(alpha: float | Array, soft: Array, hard: Array) -> Array:
   # Python branches, as in distillation_loss: at alpha 0 or 1 the other term must not reach the
-  # loss (0 * inf = NaN).
+  # loss (0 * inf = NaN). A traced (scheduled) alpha can only blend.
+  if not _is_static(alpha):
+    return alpha * soft + (1.0 - alpha) * hard
   if alpha == 0.0:
     return hard
   if alpha == 1.0:
@@ -392,13 +473,15 @@ def _blend(alpha: float, soft: Array, hard: Array) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_loss(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask):
-  return _fused_forward(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask)[0]
+def _fused_loss(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask, knobs):
+  return _fused_forward(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask, knobs)[0]
 
 
-def _fused_loss_fwd(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask):
-  out, grads = _fused_forward(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask)
-  return out, (grads, tuple(_zero_cotangent(x) for x in (t_hidden, t_unembed, labels, mask)))
+def _fused_loss_fwd(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask, knobs):
+  out, grads = _fused_forward(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask, knobs)
+  # alpha and temperature are settings, not trained: their cotangent is zero too.
+  zeros = tuple(_zero_cotangent(x) for x in (t_hidden, t_unembed, labels, mask))
+  return out, (grads, zeros + (tuple(_zero_cotangent(k) for k in knobs),))
 
 
 def _zero_cotangent(x: Array):

@@ -5,7 +5,15 @@ Teacher and student are the same code with different `ModelConfig`s:
     logits_BxLxV = Transformer(cfg).apply({'params': params}, tokens_BxL)
 
 Shape letters: B batch, L length, T = B * L tokens, D model width, H query heads, N key/value
-heads, G = H / N query heads per key/value head, K head dim, F mlp width, V vocab, S layers.
+heads, G = H / N query heads per key/value head, K head dim, F mlp width, V vocab, S layers,
+C key/value cache slots.
+
+For generation (kdjax.sample) the same module, with the same params, also runs incrementally:
+
+    logits_BxLxV, cache = Transformer(cfg).apply({'params': params}, tokens_BxL, segment_ids_BxL,
+                                                 positions_BxL, cache=cache)
+
+writes the L tokens' keys and values into a `KVCache` and attends over every slot written so far.
 
 Every param carries logical axis names ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
 'layers', 'positions') so that shardings are derived from rules in the config, never written per parameter.
@@ -21,7 +29,7 @@ off by default.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -96,6 +104,27 @@ class ModelConfig:
     shapes = jax.eval_shape(
         lambda: Transformer(self).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+class KVCache(NamedTuple):
+  """Every layer's keys and values for C token slots, and what masking needs to know of them.
+
+  Slots fill left to right from `index`. A slot not written yet has segment id 0 (as padding
+  does), so no real token attends to it; the cached keys are stored after RoPE, in the compute
+  dtype, exactly as the full forward computes them.
+  """
+
+  k_SxBxCxNxK: jax.Array
+  v_SxBxCxNxK: jax.Array
+  segment_ids_BxC: jax.Array
+  positions_BxC: jax.Array
+  index: jax.Array  # int32 scalar: the first slot not yet written
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+    kv = jnp.zeros((cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.k), jnp.dtype(cfg.dtype))
+    slots = jnp.zeros((batch, length), jnp.int32)
+    return cls(kv, kv, slots, slots, jnp.zeros((), jnp.int32))
 
 
 def _dense_init():
@@ -196,10 +225,25 @@ def attention_mask(segment_ids_BxL):
   return causal_LxL[None] & same_doc_BxLxL
 
 
-def local_mask(mask_BxLxL, positions_BxL, window: int):
-  """`mask_BxLxL` narrowed to keys fewer than `window` positions behind the query."""
-  behind_BxLxL = positions_BxL[:, :, None] - positions_BxL[:, None, :]
-  return mask_BxLxL & (behind_BxLxL < window)
+def local_mask(mask_BxLxL, positions_BxL, window: int, key_positions_BxC=None):
+  """`mask_BxLxL` narrowed to keys fewer than `window` positions behind the query.
+
+  The keys are the queries themselves unless `key_positions_BxC` (a cache's slots) are given.
+  """
+  if key_positions_BxC is None:
+    key_positions_BxC = positions_BxL
+  behind_BxLxC = positions_BxL[:, :, None] - key_positions_BxC[:, None, :]
+  return mask_BxLxL & (behind_BxLxC < window)
+
+
+def cached_attention_mask(segment_ids_BxL, cache: KVCache):
+  """BxLxC, True = may attend: the L queries sit in slots index .. index+L-1 of `cache` (already
+  written there) and see earlier-or-same slots of their own document, never padding's or unwritten
+  slots (segment id 0 differs from every real query's)."""
+  length, slots = segment_ids_BxL.shape[1], cache.segment_ids_BxC.shape[1]
+  causal_LxC = jnp.arange(slots)[None, :] <= cache.index + jnp.arange(length)[:, None]
+  same_doc_BxLxC = segment_ids_BxL[:, :, None] == cache.segment_ids_BxC[:, None, :]
+  return causal_LxC[None] & same_doc_BxLxC
 
 
 def _softcapped_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask_BxLxL, scale, cap):
@@ -217,12 +261,42 @@ def _softcapped_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask_BxLxL, scale, ca
   return out.reshape(b, l, h, kd).astype(q_BxLxHxK.dtype)
 
 
+# The collection that per-layer attention maps are sown into: `apply(..., mutable=[ATTENTION_MAPS])`
+# asks for them (kdjax.features); otherwise none is computed.
+ATTENTION_MAPS = "attention_maps"
+
+
+def attention_probs(q_BxLxHxK, k_BxLxNxK, mask_BxLxL, scale, cap=0.0):
+  """The head-averaged attention distribution p_BxLxL (float32): the mean over the H query heads
+  of softmax(q k^T * scale), soft-capped and masked as the layer's own attention is.
+
+  Averaged over heads, a layer's map is comparable between models with different head counts and
+  key/value groupings (teacher and student): each row is a distribution over the keys.
+  """
+  b, l, h, kd = q_BxLxHxK.shape
+  n = k_BxLxNxK.shape[2]
+  q_BxLxNxGxK = q_BxLxHxK.reshape(b, l, n, h // n, kd).astype(jnp.float32)
+  s_BxNxGxLxL = jnp.einsum("bqngk,bsnk->bngqs", q_BxLxNxGxK,
+                           k_BxLxNxK.astype(jnp.float32)) * scale
+  if cap > 0:
+    s_BxNxGxLxL = cap * jnp.tanh(s_BxNxGxLxL / cap)
+  s_BxNxGxLxL = jnp.where(mask_BxLxL[:, None, None], s_BxNxGxLxL,
+                          jnp.finfo(jnp.float32).min)
+  return jnp.mean(jax.nn.softmax(s_BxNxGxLxL, axis=-1), axis=(1, 2))
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2):
-    """`cos`/`sin` are None for learned positions (no rotation)."""
+  def __call__(self, x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2, kv_cache=None, cache_index=None):
+    """Returns (out_BxLxD, kv_cache). `cos`/`sin` are None for learned positions (no rotation).
+
+    Without a cache the L tokens attend to each other and kv_cache stays None. With
+    `kv_cache` = (k_BxCxNxK, v_BxCxNxK), their keys and values are first written to slots
+    `cache_index` .. +L-1, the queries attend over all C slots (`mask_BxLxL` is then BxLxC),
+    and the updated pair is returned.
+    """
     cfg = self.cfg
     h, n, k = cfg.num_heads, cfg.num_kv_heads, cfg.k
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -249,6 +323,11 @@ class Attention(nn.Module):
     if cos_BxLxK2 is not None:
       q_BxLxHxK = apply_rope(q_BxLxHxK, cos_BxLxK2, sin_BxLxK2)
       k_BxLxNxK = apply_rope(k_BxLxNxK, cos_BxLxK2, sin_BxLxK2)
+    if kv_cache is not None:
+      # From here on the keys are the C cache slots; the L new ones among them.
+      kv_cache = tuple(jax.lax.dynamic_update_slice_in_dim(c_BxCxNxK, x_BxLxNxK, cache_index, 1)
+                       for c_BxCxNxK, x_BxLxNxK in zip(kv_cache, (k_BxLxNxK, v_BxLxNxK)))
+      k_BxLxNxK, v_BxLxNxK = kv_cache
 
     # Grouped-query attention (query heads g*G .. g*G+G-1 share key/value head g), scores and
     # softmax in float32, masked scores at finfo.min (so exp gives exactly 0). JAX's fused
@@ -266,11 +345,15 @@ class Attention(nn.Module):
     # 'intermediates' collection is mutable.
     self.sow("intermediates", "head_sq_H",
              jnp.mean(jnp.square(out_BxLxHxK.astype(jnp.float32)), axis=(0, 1, 3)))
+    # Opt-in, as an extra B x H x L x L softmax; never at init, where every collection is mutable.
+    if self.is_mutable_collection(ATTENTION_MAPS) and not self.is_initializing():
+      self.sow(ATTENTION_MAPS, "probs_BxLxL", attention_probs(
+          q_BxLxHxK, k_BxLxNxK, mask_BxLxL, scale, cfg.attn_softcap))
     return nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=cfg.out_bias, dtype=dtype, param_dtype=param_dtype,
         name="out", kernel_init=_partitioned(_dense_init(), ("heads", "head_dim", "embed")),
         bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
-    )(out_BxLxHxK.reshape(b * l, h, k)).reshape(b, l, d)
+    )(out_BxLxHxK.reshape(b * l, h, k)).reshape(b, l, d), kv_cache
 
 
 class Mlp(nn.Module):
@@ -305,20 +388,24 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   """Pre-norm residual block; the signature fits `nn.scan` (carry, broadcast args) -> (carry, y).
 
-  y is the block's output when `return_hidden`, else None, so scan stacks no SxBxLxD unasked.
+  y = (hidden, kv_cache): hidden is the block's output when `return_hidden`, else None, so scan
+  stacks no SxBxLxD unasked; kv_cache is this layer's updated cache pair (see Attention), or None.
   """
 
   cfg: ModelConfig
   return_hidden: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask_BxLxL, local_mask_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local):
-    """`is_local` (a scanned bool per layer) picks `local_mask_BxLxL` over `mask_BxLxL`."""
+  def __call__(self, x_BxLxD, mask_BxLxL, local_mask_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local,
+               kv_cache=None, cache_index=None):
+    """`is_local` (a scanned bool per layer) picks `local_mask_BxLxL` over `mask_BxLxL`; with a
+    cache (scanned per layer, `cache_index` broadcast) both masks are BxLxC."""
     cfg = self.cfg
     if local_mask_BxLxL is not None:
       mask_BxLxL = jnp.where(is_local, local_mask_BxLxL, mask_BxLxL)
-    y_BxLxD = Attention(cfg, name="attn")(
-        make_norm(cfg, "attn_norm")(x_BxLxD), mask_BxLxL, cos_BxLxK2, sin_BxLxK2)
+    y_BxLxD, kv_cache = Attention(cfg, name="attn")(
+        make_norm(cfg, "attn_norm")(x_BxLxD), mask_BxLxL, cos_BxLxK2, sin_BxLxK2, kv_cache,
+        cache_index)
     if cfg.post_norms:
       y_BxLxD = make_norm(cfg, "post_attn_norm")(y_BxLxD)
     x_BxLxD = x_BxLxD + y_BxLxD
@@ -327,7 +414,7 @@ class Block(nn.Module):
       y_BxLxD = make_norm(cfg, "post_mlp_norm")(y_BxLxD)
     x_BxLxD = x_BxLxD + y_BxLxD
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
-    return x_BxLxD, (x_BxLxD if self.return_hidden else None)
+    return x_BxLxD, (x_BxLxD if self.return_hidden else None, kv_cache)
 
 
 class Embed(nn.Embed):
@@ -357,7 +444,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None,
-               return_hidden: bool = False, return_final_hidden: bool = False):
+               return_hidden: bool = False, return_final_hidden: bool = False,
+               cache: KVCache | None = None):
     """Returns logits_BxLxV (float32), and with `return_hidden` also hidden_SxBxLxD.
 
     `segment_ids_BxL` (0 = padding) restrict attention to the same packed document;
@@ -366,8 +454,17 @@ class Transformer(nn.Module):
     With `return_final_hidden` it returns the final-normed hidden_BxLxD instead of logits, for
     losses that apply the unembedding themselves (`unembedding` gives it; see
     losses.chunked_distillation_loss).
+    Per-layer attention maps (head-averaged, see `attention_probs`) are sown into the
+    ATTENTION_MAPS collection when it is mutable; `collected_attention` stacks them SxBxLxL.
+
+    With `cache` the L tokens fill its slots index .. index+L-1 and attend to every slot written
+    so far (prefill a prompt, then decode one token per call), and the result comes back as
+    (logits_BxLxV or hidden_BxLxD, updated cache). `positions_BxL` must then be given: only the
+    caller knows where each row's document started.
     """
     cfg = self.cfg
+    if cache is not None and (return_hidden or positions_BxL is None):
+      raise ValueError("a cache needs positions_BxL and does not return per-layer hidden states")
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, l = tokens_BxL.shape
     if segment_ids_BxL is None:
@@ -391,31 +488,54 @@ class Transformer(nn.Module):
     else:
       cos_BxLxK2, sin_BxLxK2 = rope_tables(positions_BxL, rope_frequencies(cfg))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
-    mask_BxLxL = attention_mask(segment_ids_BxL)
-    local_BxLxL = (local_mask(mask_BxLxL, positions_BxL, cfg.sliding_window)
+    if cache is None:
+      mask_BxLxL = attention_mask(segment_ids_BxL)
+      key_positions_BxC = kv_SxBxCxNxK = cache_index = None
+    else:  # the "BxLxL" masks below are BxLxC
+      cache = cache._replace(
+          segment_ids_BxC=jax.lax.dynamic_update_slice_in_dim(
+              cache.segment_ids_BxC, segment_ids_BxL.astype(jnp.int32), cache.index, 1),
+          positions_BxC=jax.lax.dynamic_update_slice_in_dim(
+              cache.positions_BxC, positions_BxL.astype(jnp.int32), cache.index, 1))
+      mask_BxLxL = cached_attention_mask(segment_ids_BxL, cache)
+      key_positions_BxC, cache_index = cache.positions_BxC, cache.index
+      kv_SxBxCxNxK = (cache.k_SxBxCxNxK, cache.v_SxBxCxNxK)
+    local_BxLxL = (local_mask(mask_BxLxL, positions_BxL, cfg.sliding_window, key_positions_BxC)
                    if cfg.sliding_window > 0 else None)
     is_local_S = jnp.array([cfg.is_local(i) for i in range(cfg.num_layers)])
 
     block = _remat(Block, cfg)
     if cfg.scan_layers:
       layers = nn.scan(
-          block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+          block, variable_axes={"params": 0, "intermediates": 0, ATTENTION_MAPS: 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, return_hidden, name="layers")
-      x_BxLxD, hidden_SxBxLxD = layers(x_BxLxD, mask_BxLxL, local_BxLxL, cos_BxLxK2,
-                                       sin_BxLxK2, is_local_S)
+      x_BxLxD, (hidden_SxBxLxD, kv_SxBxCxNxK) = layers(
+          x_BxLxD, mask_BxLxL, local_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local_S, kv_SxBxCxNxK,
+          cache_index)
     else:
-      hidden = []
+      hidden, kvs = [], []
       for i in range(cfg.num_layers):
-        x_BxLxD, _ = block(cfg, return_hidden, name=f"layer_{i}")(
-            x_BxLxD, mask_BxLxL, local_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local_S[i])
+        layer_kv = None if kv_SxBxCxNxK is None else tuple(c[i] for c in kv_SxBxCxNxK)
+        x_BxLxD, (_, layer_kv) = block(cfg, return_hidden, name=f"layer_{i}")(
+            x_BxLxD, mask_BxLxL, local_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local_S[i], layer_kv,
+            cache_index)
         hidden.append(x_BxLxD)
+        kvs.append(layer_kv)
       hidden_SxBxLxD = jnp.stack(hidden) if return_hidden else None
+      if cache is not None:
+        kv_SxBxCxNxK = tuple(jnp.stack(c) for c in zip(*kvs))
+    if cache is not None:
+      cache = cache._replace(k_SxBxCxNxK=kv_SxBxCxNxK[0], v_SxBxCxNxK=kv_SxBxCxNxK[1],
+                             index=cache.index + tokens_BxL.shape[1])
 
     x_BxLxD = make_norm(cfg, "final_norm")(x_BxLxD)
     if return_final_hidden:
-      return x_BxLxD
+      if return_hidden:  # both: for feature losses next to the chunked loss (kdjax.features)
+        return x_BxLxD, hidden_SxBxLxD
+      return x_BxLxD if cache is None else (x_BxLxD, cache)
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
     else:
@@ -427,7 +547,7 @@ class Transformer(nn.Module):
       logits_BxLxV = cfg.logit_softcap * jnp.tanh(logits_BxLxV / cfg.logit_softcap)
     if return_hidden:
       return logits_BxLxV, hidden_SxBxLxD
-    return logits_BxLxV
+    return logits_BxLxV if cache is None else (logits_BxLxV, cache)
 
 
 def unembedding(cfg: ModelConfig, params: Any) -> jax.Array:
@@ -435,3 +555,11 @@ def unembedding(cfg: ModelConfig, params: Any) -> jax.Array:
   if cfg.tie_embeddings:
     return params["embed"]["embedding"].T
   return params["unembed"]["kernel"]
+
+
+def collected_attention(cfg: ModelConfig, maps: Any) -> jax.Array:
+  """attn_SxBxLxL from the ATTENTION_MAPS collection of `apply(..., mutable=[ATTENTION_MAPS])`,
+  whether the layers ran under `nn.scan` (one stacked entry) or one module each."""
+  if cfg.scan_layers:
+    return maps["layers"]["attn"]["probs_BxLxL"][0]
+  return jnp.stack([maps[f"layer_{i}"]["attn"]["probs_BxLxL"][0] for i in range(cfg.num_layers)])

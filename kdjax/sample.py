@@ -1,11 +1,19 @@
-"""Batched sampling from a model, compiled once per (config, shapes).
+"""Batched sampling from a model (teacher or student) with a KV cache, compiled once per
+(config, shapes, sampling settings).
 
 Prompts are left-padded; padding gets segment id 0, so real tokens never attend to it, and
 positions count from each prompt's first real token. Padding is known from `prompt_lengths_B`,
 not from the token value: a Hugging Face tokenizer may use any id, 0 included, for a real token.
 (Without lengths, `generate` takes PAD_ID = 0 as padding, which is right for kdjax's own
-tokenizer only.) Each new token recomputes the whole prefix: simple and exact, and cheap at the
-lengths used for printed samples.
+tokenizer only.)
+
+One forward fills a `KVCache` of P + N - 1 slots with all but the last prompt token (their logits
+are never computed); then a `lax.scan` feeds one token per step, the last prompt token first,
+attending over the cache. Left padding puts every row's last prompt token in the same column, so
+the new tokens of all rows share slots.
+
+Sampling follows Hugging Face's order: logits / temperature, then top-k, then top-p (nucleus) on
+what top-k kept; temperature 0 is greedy (argmax) and ignores top-k and top-p.
 
 Given a `mesh`, the prompts and the key are placed replicated on it and the tokens come back
 replicated, so every process of a multi-host run can read them; the params keep their shardings.
@@ -22,7 +30,7 @@ import numpy as np
 
 from kdjax import sharding
 from kdjax.data.tokenizer import TextTokenizer
-from kdjax.model import ModelConfig, Transformer
+from kdjax.model import KVCache, ModelConfig, Transformer
 
 PAD_ID = 0
 
@@ -34,7 +42,8 @@ def left_pad(prompts: list[list[int]], pad_id: int = PAD_ID) -> jax.Array:
 
 def generate_texts(cfg: ModelConfig, params, tokenizer: TextTokenizer, prompts: Sequence[str], *,
                    max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                   rng: jax.Array | None = None, mesh=None) -> list[str]:
+                   top_p: float | None = None, rng: jax.Array | None = None,
+                   mesh=None) -> list[str]:
   """Each prompt followed by its sampled continuation, as text.
 
   A prompt starts with BOS where the tokenizer has one (as the training documents do); the
@@ -50,25 +59,29 @@ def generate_texts(cfg: ModelConfig, params, tokenizer: TextTokenizer, prompts: 
   lengths_B = np.asarray([len(ids) for ids in prompt_ids], np.int32)
   out_BxT = np.asarray(generate(
       cfg, params, left_pad(prompt_ids, tokenizer.pad_id), max_new_tokens=max_new_tokens,
-      temperature=temperature, top_k=top_k, rng=rng, mesh=mesh, prompt_lengths_B=lengths_B))
+      temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, mesh=mesh,
+      prompt_lengths_B=lengths_B))
   width = out_BxT.shape[1] - max_new_tokens
   return [tokenizer.decode(row[width - n:].tolist()) for row, n in zip(out_BxT, lengths_B)]
 
 
 def generate(cfg: ModelConfig, params, prompt_BxP: jax.Array, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              rng: jax.Array | None = None, mesh=None,
              prompt_lengths_B: jax.Array | np.ndarray | None = None) -> jax.Array:
   """Returns tokens_Bx(P+N): the prompts followed by N sampled tokens (greedy at temperature 0).
 
   Row b's prompt is its last prompt_lengths_B[b] tokens; without lengths, every token that is
-  not PAD_ID (kdjax's tokenizer only).
+  not PAD_ID (kdjax's tokenizer only). `top_p` in (0, 1] keeps the nucleus (see filter_logits).
   """
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   rng = jax.random.key(0) if rng is None else rng
   if prompt_lengths_B is None:
     prompt_lengths_B = np.sum(np.asarray(prompt_BxP) != PAD_ID, axis=1)
   prompt_lengths_B = np.asarray(prompt_lengths_B, np.int32)
-  kwargs = dict(cfg=cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+  kwargs = dict(cfg=cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p)
   if mesh is None:
     return _generate(params, prompt_BxP, prompt_lengths_B, jax.random.key_data(rng), **kwargs)
   rep = sharding.replicated(mesh)
@@ -78,39 +91,70 @@ def generate(cfg: ModelConfig, params, prompt_BxP: jax.Array, *, max_new_tokens:
                      sharding.global_array(np.asarray(jax.random.key_data(rng)), rep), **kwargs)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k"))
+def filter_logits(logits_BxV: jax.Array, top_k: int | None = None,
+                  top_p: float | None = None) -> jax.Array:
+  """logits_BxV with every token outside the top k, then outside the nucleus, at -inf.
+
+  The nucleus is the smallest set of most likely tokens whose probability (softmax of what top-k
+  kept) reaches top_p; it always holds the most likely token. Tokens tied with its least likely
+  member stay too, so the result does not depend on how a sort orders ties.
+  """
+  if top_k:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+  if top_p is not None and top_p < 1.0:
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
+    probs_BxV = jax.nn.softmax(sorted_BxV.astype(jnp.float32), axis=-1)
+    # Mass strictly before each sorted token: the first's is 0 < top_p, so it is always kept; a
+    # token is kept while the ones before it fall short of top_p.
+    before_BxV = jnp.concatenate([jnp.zeros_like(probs_BxV[:, :1]),
+                                  jnp.cumsum(probs_BxV[:, :-1], axis=-1)], axis=-1)
+    cutoff_Bx1 = jnp.min(jnp.where(before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1,
+                         keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+  return logits_BxV
+
+
+def _next_token(logits_BxV, key, temperature: float, top_k: int | None,
+                top_p: float | None) -> jax.Array:
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = filter_logits(logits_BxV / temperature, top_k, top_p)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
+                                             "top_p"))
 def _generate(params, prompt_BxP, prompt_lengths_B, rng_data, *, cfg: ModelConfig,
-              max_new_tokens: int, temperature: float, top_k: int | None) -> jax.Array:
+              max_new_tokens: int, temperature: float, top_k: int | None,
+              top_p: float | None) -> jax.Array:
+  if max_new_tokens == 0:
+    return prompt_BxP
   model = Transformer(cfg)
   b, p = prompt_BxP.shape
-  total = p + max_new_tokens
-  tokens_BxT = jnp.concatenate(
-      [prompt_BxP, jnp.full((b, max_new_tokens), PAD_ID, jnp.int32)], axis=1)
+  pick = functools.partial(_next_token, temperature=temperature, top_k=top_k, top_p=top_p)
   # Left padding: row b's real tokens are its last prompt_lengths_B[b] prompt positions.
   is_real_BxP = jnp.arange(p)[None, :] >= (p - prompt_lengths_B)[:, None]
-  is_real_BxT = jnp.concatenate([is_real_BxP, jnp.ones((b, max_new_tokens), bool)], axis=1)
-  segment_ids_BxT = is_real_BxT.astype(jnp.int32)
-  positions_BxT = jnp.maximum(jnp.cumsum(is_real_BxT, axis=1) - 1, 0).astype(jnp.int32)
-  rng = jax.random.wrap_key_data(rng_data)
+  positions_BxP = jnp.maximum(jnp.cumsum(is_real_BxP, axis=1) - 1, 0).astype(jnp.int32)
 
-  def body(i, carry):
-    tokens_BxT, rng = carry
-    logits_BxTxV = model.apply({"params": params}, tokens_BxT, segment_ids_BxT, positions_BxT)
-    logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, i - 1, axis=1, keepdims=False)
-    rng, key = jax.random.split(rng)
-    if temperature == 0.0:
-      next_B = jnp.argmax(logits_BxV, axis=-1)
-    else:
-      logits_BxV = logits_BxV / temperature
-      if top_k:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-      next_B = jax.random.categorical(key, logits_BxV, axis=-1)
-    tokens_BxT = jax.lax.dynamic_update_index_in_dim(
-        tokens_BxT, next_B.astype(jnp.int32)[:, None], i, axis=1)
-    return tokens_BxT, rng
+  cache = KVCache.zeros(cfg, b, p + max_new_tokens - 1)
+  if p > 1:  # prefill; the final hidden state is unused, so XLA drops it and no BxPxV exists
+    _, cache = model.apply({"params": params}, prompt_BxP[:, :-1],
+                           is_real_BxP[:, :-1].astype(jnp.int32), positions_BxP[:, :-1],
+                           return_final_hidden=True, cache=cache)
 
-  tokens_BxT, _ = jax.lax.fori_loop(p, total, body, (tokens_BxT, rng))
+  def step(carry, key):
+    token_B, cache = carry
+    # The token fed now sits in slot cache.index: row b's position index - (P - len_b).
+    position_Bx1 = (cache.index - p + prompt_lengths_B)[:, None].astype(jnp.int32)
+    logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None],
+                                      jnp.ones((b, 1), jnp.int32), position_Bx1, cache=cache)
+    next_B = pick(logits_Bx1xV[:, 0], key)
+    return (next_B, cache), next_B
+
+  keys_N = jax.random.split(jax.random.wrap_key_data(rng_data), max_new_tokens)
+  _, new_NxB = jax.lax.scan(step, (prompt_BxP[:, -1].astype(jnp.int32), cache), keys_N)
+  tokens_BxT = jnp.concatenate([prompt_BxP, new_NxB.T.astype(prompt_BxP.dtype)], axis=1)
   if not jax.sharding.get_abstract_mesh().empty:
     tokens_BxT = jax.lax.with_sharding_constraint(tokens_BxT, jax.sharding.PartitionSpec())
   return tokens_BxT

@@ -9,6 +9,11 @@ One compiled step does, for a batch:
 The teacher forward runs outside `value_and_grad`, so no gradient can reach it, and its params are
 an ordinary (non-donated) argument: they are never in the optimizer or the student's state. With no
 teacher the same step trains on next-token cross-entropy alone (teacher and scratch phases).
+
+Feature distillation (kdjax.features) adds hidden-state and attention-map terms; a learned
+projection, when the widths differ, is trained next to the params as `TrainState.aux_params`.
+A scheduled alpha, temperature or feature weight (kdjax.schedules) is computed inside the step from
+`state.step`; unscheduled, they stay static Python floats and the step is what it always was.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdjax import losses, sharding
+from kdjax import features, losses, schedules, sharding
 from kdjax.model import ModelConfig, Transformer, unembedding
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: BxL int32; mask: BxL f32
@@ -36,6 +41,9 @@ class TrainState:
   rng: jax.Array  # uint32[2] raw key data, advanced every step and checkpointed for sampling
   skipped_steps: jax.Array  # int32: steps whose update was skipped for a non-finite loss/grad
   nonfinite_streak: jax.Array  # int32: consecutive such steps up to now (0 after a good one)
+  # Trained state that is not the model: {'projection': ...} of feature distillation when widths
+  # differ (kdjax.features), else None. Optimized with the params; never exported or evaluated.
+  aux_params: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +57,51 @@ class DistillSettings:
   skew: float = 0.1
   # > 0: the fused chunked loss from final hidden states; no [B, L, V] logits are held.
   loss_chunk_size: int = 0
+  # Feature distillation (kdjax.features); 0 weights leave it out of the step entirely.
+  feature_weight: float = 0.0
+  feature_loss: str = "mse"  # 'mse' or 'cosine'
+  feature_layers: tuple[tuple[int, int], ...] = ()  # (student, teacher) pairs; () = uniform
+  attention_weight: float = 0.0
+  # Each starts from the plain field above (kdjax.schedules); constant = unscheduled.
+  alpha_schedule: schedules.Schedule = schedules.Schedule()
+  temperature_schedule: schedules.Schedule = schedules.Schedule()
+  feature_weight_schedule: schedules.Schedule = schedules.Schedule()
 
   @classmethod
   def from_config(cls, d: Any) -> "DistillSettings":
+    schedule = lambda name: schedules.Schedule.from_config(d.get(name, None))
     return cls(loss=d.loss, temperature=float(d.temperature), alpha=float(d.alpha),
                beta=float(d.get("beta", 0.5)), skew=float(d.get("skew", 0.1)),
-               loss_chunk_size=int(d.get("loss_chunk_size", 0)))
+               loss_chunk_size=int(d.get("loss_chunk_size", 0)),
+               feature_weight=float(d.get("feature_weight", 0.0)),
+               feature_loss=str(d.get("feature_loss", "mse")),
+               feature_layers=tuple((int(i), int(j)) for i, j in d.get("feature_layers", ())),
+               attention_weight=float(d.get("attention_weight", 0.0)),
+               alpha_schedule=schedule("alpha_schedule"),
+               temperature_schedule=schedule("temperature_schedule"),
+               feature_weight_schedule=schedule("feature_weight_schedule"))
+
+  def _schedules(self) -> dict[str, tuple[schedules.Schedule, float]]:
+    return {"alpha": (self.alpha_schedule, self.alpha),
+            "temperature": (self.temperature_schedule, self.temperature),
+            "feature_weight": (self.feature_weight_schedule, self.feature_weight)}
+
+  def at(self, step) -> dict[str, float | jax.Array]:
+    """alpha, temperature and feature_weight for the update after `step` updates: the plain
+    Python floats where unscheduled, traced float32 scalars where scheduled."""
+    return {name: schedules.value(s, start, step) for name, (s, start) in self._schedules().items()}
+
+  @property
+  def scheduled(self) -> tuple[str, ...]:
+    """Names of the settings that follow a non-constant schedule (logged every step)."""
+    return tuple(name for name, (s, _) in self._schedules().items() if not s.is_constant)
+
+  def resolved(self, total_steps: int) -> "DistillSettings":
+    """Schedules with `steps=0` stretched over the phase's `total_steps`."""
+    return dataclasses.replace(
+        self, alpha_schedule=self.alpha_schedule.resolved(total_steps),
+        temperature_schedule=self.temperature_schedule.resolved(total_steps),
+        feature_weight_schedule=self.feature_weight_schedule.resolved(total_steps))
 
 
 def make_schedule(tc: Any) -> optax.Schedule:
@@ -92,26 +139,53 @@ def param_shardings(model_cfg: ModelConfig, mesh, rules) -> Any:
   return sharding.logical_shardings(abstract["params"], mesh, rules)
 
 
-def _abstract_boxed_state(model_cfg: ModelConfig, tx, seed: int):
+def _abstract_boxed_state(model_cfg: ModelConfig, tx, seed: int,
+                          plan: features.FeaturePlan | None = None):
   model = Transformer(model_cfg)
 
   def init(rng_data):
     params = model.init(jax.random.wrap_key_data(rng_data), _dummy_tokens(model_cfg))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+    aux_params = None
+    if plan is not None and plan.projection:
+      # Its own stream of the seed: the student's params are the same with or without it.
+      aux_params = {"projection": features.init_projection(
+          plan, jax.random.fold_in(jax.random.key(seed), 2))}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(_trainable(params, aux_params)),
                       rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
                       skipped_steps=jnp.zeros((), jnp.int32),
-                      nonfinite_streak=jnp.zeros((), jnp.int32))
+                      nonfinite_streak=jnp.zeros((), jnp.int32), aux_params=aux_params)
 
   return init
 
 
-def create_train_state(model_cfg: ModelConfig, tx, seed: int, mesh, rules):
-  """Returns (state, state_shardings): a fresh, sharded TrainState built from `seed`."""
-  init = _abstract_boxed_state(model_cfg, tx, seed)
+def _trainable(params, aux_params):
+  """What the optimizer updates: the params alone (so an optimizer state without feature
+  distillation is what it always was), or (params, aux_params)."""
+  return params if aux_params is None else (params, aux_params)
+
+
+def create_train_state(model_cfg: ModelConfig, tx, seed: int, mesh, rules, *,
+                       t_cfg: ModelConfig | None = None, distill: DistillSettings | None = None):
+  """Returns (state, state_shardings): a fresh, sharded TrainState built from `seed`.
+
+  With `t_cfg` and `distill` asking for hidden-state distillation between different widths, the
+  state also holds the learned projection (`aux_params`) and its optimizer state.
+  """
+  init = _abstract_boxed_state(model_cfg, tx, seed, features.make_plan(distill, model_cfg, t_cfg))
   rng_data = jax.random.key_data(jax.random.key(seed))
   shardings = sharding.logical_shardings(jax.eval_shape(init, rng_data), mesh, rules)
   state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng_data)
   return state, shardings
+
+
+def abstract_train_state(model_cfg: ModelConfig, tx, seed: int, mesh, rules, *,
+                         t_cfg: ModelConfig | None = None, distill: DistillSettings | None = None):
+  """(abstract state, state_shardings) of `create_train_state`, with nothing allocated or
+  compiled: enough to restore a checkpoint into (checkpoint.PhaseCheckpoints.restore)."""
+  init = _abstract_boxed_state(model_cfg, tx, seed, features.make_plan(distill, model_cfg, t_cfg))
+  boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(seed)))
+  return nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh, rules)
 
 
 def _forward(model: nn.Module, params, batch: Batch, final_hidden: bool = False) -> jax.Array:
@@ -120,10 +194,13 @@ def _forward(model: nn.Module, params, batch: Batch, final_hidden: bool = False)
 
 
 def make_teacher_forward(t_cfg: ModelConfig, rules: sharding.Rules | None = None,
-                         final_hidden: bool = False) -> Callable:
+                         final_hidden: bool = False,
+                         plan: features.FeaturePlan | None = None) -> Callable:
   """`teacher_forward(teacher_params, batch) -> t_logits_BxLxV`, a constant for the student.
 
   With `final_hidden` it returns (t_hidden_BxLxD, t_unembed_DxV) instead, for the chunked loss.
+  With a feature `plan` it returns (that output, t_feats), t_feats the mapped layers' hidden
+  states and attention maps (features.forward).
   `rules` bind the teacher's activation constraints; they may differ from the student's (say, a
   teacher sharded FSDP-only next to a tensor-parallel student).
   """
@@ -131,7 +208,13 @@ def make_teacher_forward(t_cfg: ModelConfig, rules: sharding.Rules | None = None
 
   def teacher_forward(teacher_params, batch: Batch):
     with sharding.activation_rules(rules):
-      if final_hidden:
+      if plan is not None:
+        out, t_feats = features.forward(t_model, t_cfg, teacher_params, batch, plan,
+                                        plan.t_layers, final_hidden)
+        if final_hidden:
+          out = (out, unembedding(t_cfg, teacher_params))
+        out = (out, t_feats)
+      elif final_hidden:
         out = (_forward(t_model, teacher_params, batch, final_hidden=True),
                unembedding(t_cfg, teacher_params))
       else:
@@ -142,40 +225,64 @@ def make_teacher_forward(t_cfg: ModelConfig, rules: sharding.Rules | None = None
 
 
 def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None,
-                      rules: sharding.Rules | None = None, t_softcap: float = 0.0) -> Callable:
-  """`student_loss(params, batch, t_out) -> (loss, metrics)`.
+                      rules: sharding.Rules | None = None, t_softcap: float = 0.0, *,
+                      t_cfg: ModelConfig | None = None) -> Callable:
+  """`student_loss(params, batch, t_out, aux_params=None, step=0) -> (loss, metrics)`.
 
   This is all the step differentiates: the teacher's output comes in as a plain argument:
-  t_logits_BxLxV, (t_hidden_BxLxD, t_unembed_DxV) with the chunked loss, or None (no teacher).
+  t_logits_BxLxV, (t_hidden_BxLxD, t_unembed_DxV) with the chunked loss, or None (no teacher);
+  with feature distillation (which needs `t_cfg`) it is (that, t_feats), see make_teacher_forward.
+  `aux_params` holds the feature projection when widths differ; `step` (state.step, traced)
+  drives the schedules of alpha, temperature and feature weight.
   """
   s_model = Transformer(s_cfg)
 
   chunked = distill is not None and distill.loss_chunk_size > 0
+  plan = features.make_plan(distill, s_cfg, t_cfg)
+  if t_cfg is None and any(features.terms_on(distill)):
+    raise ValueError("make_student_loss: feature distillation needs the teacher's t_cfg.")
 
-  def student_loss(params, batch: Batch, t_out):
-    if chunked and t_out is not None:
-      t_hidden_BxLxD, t_unembed_DxV = t_out
-      with sharding.activation_rules(rules):
-        s_hidden_BxLxD = _forward(s_model, params, batch, final_hidden=True)
-      s_unembed_DxV, t_unembed_DxV = losses.shared_vocab(unembedding(s_cfg, params),
-                                                         t_unembed_DxV)
-      return losses.chunked_distillation_loss(
-          s_hidden_BxLxD, s_unembed_DxV, t_hidden_BxLxD, t_unembed_DxV,
-          batch["targets"], batch["mask"], loss=distill.loss, temperature=distill.temperature,
-          alpha=distill.alpha, beta=distill.beta, skew=distill.skew,
-          chunk_size=distill.loss_chunk_size, s_logit_softcap=s_cfg.logit_softcap,
-          t_logit_softcap=t_softcap)
+  def forward(params, batch):
     with sharding.activation_rules(rules):
-      s_logits_BxLxV = _forward(s_model, params, batch)
-    t_logits_BxLxV = t_out
-    if t_logits_BxLxV is None:
+      if plan is None:
+        return _forward(s_model, params, batch, final_hidden=chunked), None
+      return features.forward(s_model, s_cfg, params, batch, plan, plan.s_layers, chunked)
+
+  def student_loss(params, batch: Batch, t_out, aux_params=None, step=0):
+    if t_out is None:  # no teacher: next-token cross-entropy alone, no feature terms
+      with sharding.activation_rules(rules):
+        s_logits_BxLxV = _forward(s_model, params, batch)
       ce = losses.cross_entropy(s_logits_BxLxV, batch["targets"], batch["mask"])
       return ce, {"loss": ce, "hard_loss": ce, "num_tokens": jnp.sum(batch["mask"])}
-    s_logits_BxLxV, t_logits_BxLxV = losses.shared_vocab(s_logits_BxLxV, t_logits_BxLxV)
-    return losses.distillation_loss(
-        s_logits_BxLxV, t_logits_BxLxV, batch["targets"], batch["mask"], loss=distill.loss,
-        temperature=distill.temperature, alpha=distill.alpha, beta=distill.beta,
-        skew=distill.skew)
+    knobs = distill.at(step)
+    t_out, t_feats = t_out if plan is not None else (t_out, None)
+    s_out, s_feats = forward(params, batch)
+    if chunked:
+      (t_hidden_BxLxD, t_unembed_DxV), s_hidden_BxLxD = t_out, s_out
+      s_unembed_DxV, t_unembed_DxV = losses.shared_vocab(unembedding(s_cfg, params),
+                                                         t_unembed_DxV)
+      loss, metrics = losses.chunked_distillation_loss(
+          s_hidden_BxLxD, s_unembed_DxV, t_hidden_BxLxD, t_unembed_DxV,
+          batch["targets"], batch["mask"], loss=distill.loss, temperature=knobs["temperature"],
+          alpha=knobs["alpha"], beta=distill.beta, skew=distill.skew,
+          chunk_size=distill.loss_chunk_size, s_logit_softcap=s_cfg.logit_softcap,
+          t_logit_softcap=t_softcap)
+    else:
+      s_logits_BxLxV, t_logits_BxLxV = losses.shared_vocab(s_out, t_out)
+      loss, metrics = losses.distillation_loss(
+          s_logits_BxLxV, t_logits_BxLxV, batch["targets"], batch["mask"], loss=distill.loss,
+          temperature=knobs["temperature"], alpha=knobs["alpha"], beta=distill.beta,
+          skew=distill.skew)
+    if plan is None:
+      return loss, metrics
+    terms = features.feature_losses(plan, s_feats, t_feats,
+                                    aux_params["projection"] if plan.projection else None,
+                                    batch["mask"])
+    if plan.hidden:
+      loss = loss + knobs["feature_weight"] * terms["feature_loss"]
+    if plan.attention:
+      loss = loss + distill.attention_weight * terms["attention_loss"]
+    return loss, dict(metrics, loss=loss, **terms)
 
   return student_loss
 
@@ -191,25 +298,40 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
   With `grad_accum_steps = A > 1` the batch is split into A micro-batches scanned in sequence;
   each micro-batch's gradient is weighted by its share of unmasked tokens, so the update equals
   the one for the whole batch at once (loss means are over real tokens, not rows).
+
+  With feature distillation between widths the optimizer updates (params, aux_params) together:
+  one global-norm clip, one NaN guard; the state must come from create_train_state(..., t_cfg=,
+  distill=). Scheduled settings are logged as metrics 'alpha', 'temperature', 'feature_weight'.
   """
   if t_cfg is not None and distill is None:
     raise ValueError("make_train_step: a teacher needs DistillSettings.")
   chunked = distill is not None and distill.loss_chunk_size > 0
-  teacher_forward = (make_teacher_forward(t_cfg, t_rules, final_hidden=chunked)
+  plan = features.make_plan(distill, s_cfg, t_cfg)
+  teacher_forward = (make_teacher_forward(t_cfg, t_rules, final_hidden=chunked, plan=plan)
                      if t_cfg is not None else None)
-  grad_fn = jax.value_and_grad(
-      make_student_loss(s_cfg, distill, rules, t_softcap=t_cfg.logit_softcap if t_cfg else 0.0),
-      has_aux=True)
+  student_loss = make_student_loss(s_cfg, distill, rules,
+                                   t_softcap=t_cfg.logit_softcap if t_cfg else 0.0, t_cfg=t_cfg)
+  with_aux = plan is not None and plan.projection
 
-  def micro_step(params, teacher_params, batch: Batch):
+  def trainable_loss(trainable, batch: Batch, t_out, step):
+    params, aux_params = trainable if with_aux else (trainable, None)
+    return student_loss(params, batch, t_out, aux_params, step)
+
+  grad_fn = jax.value_and_grad(trainable_loss, has_aux=True)
+
+  def micro_step(trainable, teacher_params, batch: Batch, step):
     # The teacher runs outside value_and_grad: only the student's loss is differentiated.
     t_out = teacher_forward(teacher_params, batch) if teacher_forward else None
-    (_, metrics), grads = grad_fn(params, batch, t_out)
+    (_, metrics), grads = grad_fn(trainable, batch, t_out, step)
     return grads, metrics
 
   def train_step(state: TrainState, teacher_params, batch: Batch):
+    if with_aux and state.aux_params is None:
+      raise ValueError("train_step: feature distillation between widths needs the projection; "
+                       "build the state with create_train_state(..., t_cfg=, distill=).")
+    trainable = _trainable(state.params, state.aux_params if with_aux else None)
     if grad_accum_steps == 1:
-      grads, metrics = micro_step(state.params, teacher_params, batch)
+      grads, metrics = micro_step(trainable, teacher_params, batch, state.step)
     else:
       # Strided split (rows i, i + A, ...): with the batch sharded over devices, every device
       # holds a slice of every micro-batch, so no device idles while others work.
@@ -219,33 +341,38 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
       total_tokens = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
       def body(acc, mb):
-        grads, metrics = micro_step(state.params, teacher_params, mb)
+        grads, metrics = micro_step(trainable, teacher_params, mb, state.step)
         w = metrics["num_tokens"] / total_tokens
         acc = jax.tree.map(lambda a, x: a + w * x, acc, (grads, metrics))
         return acc, None
 
-      zeros = jax.eval_shape(micro_step, state.params, teacher_params,
-                             jax.tree.map(lambda x: x[0], micro))
+      zeros = jax.eval_shape(micro_step, trainable, teacher_params,
+                             jax.tree.map(lambda x: x[0], micro), state.step)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
       (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
       metrics["num_tokens"] = jnp.sum(batch["mask"])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
     grad_norm = optax.global_norm(grads)
     # NaN/Inf guard: a non-finite loss or gradient keeps the old params and optimizer state (the
     # batch counts as consumed), so one bad batch cannot poison the run or a checkpoint.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params, opt_state = keep_new((params, opt_state), (state.params, state.opt_state))
+    new_trainable, opt_state = keep_new((new_trainable, opt_state), (trainable, state.opt_state))
+    params, aux_params = new_trainable if with_aux else (new_trainable, state.aux_params)
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
     metrics = dict(metrics, grad_norm=grad_norm,
                    learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
                    skipped_steps=skipped.astype(jnp.float32),
                    nonfinite_streak=streak.astype(jnp.float32))
+    if distill is not None and t_cfg is not None:  # the scheduled settings this step used
+      knobs = distill.at(state.step)
+      metrics.update({name: jnp.asarray(knobs[name], jnp.float32) for name in distill.scheduled})
     new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=new_rng,
-                         skipped_steps=skipped, nonfinite_streak=streak), metrics
+                         skipped_steps=skipped, nonfinite_streak=streak,
+                         aux_params=aux_params), metrics
 
   return train_step
 

@@ -1,27 +1,84 @@
-"""Sampling: greedy equals step-by-step argmax by full recompute; left padding is invisible."""
+"""Sampling: KV-cache greedy generation equals argmax decoding by full recompute; left padding is
+invisible; top-k / top-p keep what a numpy oracle keeps; sampling is seeded.
 
+The oracle for generation never touches the cache: each step it calls Transformer.apply (the
+path that tests/test_model.py checks against a numpy decoder) on the whole of a row's unpadded
+sequence so far. Shapes are tiny: B batch, P prompt width, N new tokens, V vocab.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kdjax import sample
-from kdjax.model import ModelConfig, Transformer
+from kdjax.model import KVCache, ModelConfig, Transformer
 
 CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
                   mlp_dim=32, max_len=32)
 
+# Between them, every feature the cache must carry: GQA in each; the windows (2, 3) are shorter
+# than P + N = 12; global_every=2 mixes local and global layers, scanned and unrolled.
+FAMILY_CFGS = {
+    "gemma2_scan": dataclasses.replace(
+        CFG, num_heads=4, num_kv_heads=2, sliding_window=3, global_every=2, attn_softcap=5.0,
+        logit_softcap=3.0, post_norms=True, qk_norm=True, norm_plus_one=True, embed_scale=True,
+        query_scale=0.3, activation="geglu"),
+    "llama3_window_scan": dataclasses.replace(
+        CFG, num_heads=4, num_kv_heads=2, rope_scaling=8.0, rope_original_max_len=8,
+        qkv_bias=True, tie_embeddings=False, sliding_window=2),
+    "gpt2_unrolled": dataclasses.replace(
+        CFG, position_embedding="learned", norm="layernorm", activation="gelu", qkv_bias=True,
+        out_bias=True, mlp_bias=True, scan_layers=False, sliding_window=3, global_every=2),
+}
+
+# Cached vs full forward: the same math with different key lengths (masked keys weigh exactly 0),
+# so only f32 reduction order differs, ~1e-7 relative on O(1) logits (as test_model's SAME_*).
+SAME_RTOL, SAME_ATOL = 1e-5, 1e-6
+
+
+ORACLE_WIDTH = 16  # >= every P + N below
+
+
+def _init(cfg, seed=3):
+  """Params drawn in numpy into the tree `init` builds (traced under eval_shape: an eager init
+  costs seconds here): O(1) logits, and biases and norm scales away from their init values."""
+  shapes = nn.unbox(jax.eval_shape(
+      lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    z = rng.standard_normal(x.shape)
+    offset = 1.0 if path[-1].key == "scale" and not cfg.norm_plus_one else 0.0
+    return jnp.asarray(offset + (0.1 if path[-1].key == "bias" else 0.3) * z, x.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
 
 @pytest.fixture(scope="module")
 def params():
-  return Transformer(CFG).init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))["params"]
+  return _init(CFG)
 
 
-def _argmax_decode(params, prompt, n):
+@functools.lru_cache(maxsize=None)
+def _logits_fn(cfg):
+  return jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t))
+
+
+def _argmax_decode(params, prompt, n, cfg=CFG):
+  """Greedy decoding by full recompute of the growing sequence. It sits at the start of a
+  fixed ORACLE_WIDTH buffer so that it compiles once: the model is causal (test_model pins that
+  bit-exactly), so the filler after the sequence cannot change the logits read at its end."""
   tokens = list(prompt)
   for _ in range(n):
-    logits = Transformer(CFG).apply({"params": params}, jnp.asarray([tokens], jnp.int32))
-    tokens.append(int(jnp.argmax(logits[0, -1])))
+    buffer_1xW = np.zeros((1, ORACLE_WIDTH), np.int32)
+    buffer_1xW[0, :len(tokens)] = tokens
+    logits_V = _logits_fn(cfg)(params, jnp.asarray(buffer_1xW))[0, len(tokens) - 1]
+    tokens.append(int(jnp.argmax(logits_V)))
   return tokens
 
 
@@ -32,6 +89,46 @@ def test_greedy_equals_argmax_by_full_recompute_with_left_padding(params):
   for row, prompt in zip(out, prompts):
     expected = _argmax_decode(params, prompt, 6)
     assert row[width - len(prompt):].tolist() == expected
+
+
+def test_one_token_prompts_need_no_prefill(params):
+  out = np.asarray(sample.generate(CFG, params, jnp.asarray([[5], [0]]), max_new_tokens=3,
+                                   prompt_lengths_B=np.asarray([1, 1])))
+  assert [row.tolist() for row in out] == [_argmax_decode(params, [t], 3) for t in (5, 0)]
+
+
+@pytest.mark.parametrize("name", FAMILY_CFGS)
+def test_greedy_kv_cache_equals_full_recompute_across_families(name):
+  cfg = FAMILY_CFGS[name]
+  p = _init(cfg)
+  prompts, n = [[5, 9, 11, 4, 2], [7], [3, 8, 1]], 7
+  out = np.asarray(sample.generate(cfg, p, sample.left_pad(prompts), max_new_tokens=n))
+  assert out.shape == (3, 5 + n)
+  for row, prompt in zip(out, prompts):
+    assert row[5 - len(prompt):].tolist() == _argmax_decode(p, prompt, n, cfg)
+
+
+@pytest.mark.parametrize("name", ["gemma2_scan"])
+def test_cached_forward_in_chunks_equals_full_forward(name):
+  """Logits, not just their argmax: a left-padded batch fed as a 3-token prefill, then 1, 1, 1
+  and 3 tokens, matches one full forward over the same tokens, segment ids and positions."""
+  cfg = FAMILY_CFGS[name]
+  p, model = _init(cfg), Transformer(cfg)
+  cached = jax.jit(lambda p, t, s, q, c: model.apply({"params": p}, t, s, q, cache=c))
+  tokens_BxL = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  segment_ids_BxL = jnp.asarray([[1] * 9, [0] * 3 + [1] * 6], jnp.int32)
+  positions_BxL = jnp.asarray([list(range(9)), [0] * 3 + list(range(6))], jnp.int32)
+  full_BxLxV = jax.jit(model.apply)({"params": p}, tokens_BxL, segment_ids_BxL, positions_BxL)
+
+  cache, chunks = KVCache.zeros(cfg, 2, 9), []
+  for start, stop in ((0, 3), (3, 4), (4, 5), (5, 6), (6, 9)):
+    logits, cache = cached(p, tokens_BxL[:, start:stop], segment_ids_BxL[:, start:stop],
+                           positions_BxL[:, start:stop], cache)
+    chunks.append(logits)
+  assert int(cache.index) == 9
+  real = np.asarray(segment_ids_BxL) > 0
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(chunks, axis=1))[real],
+                             np.asarray(full_BxLxV)[real], rtol=SAME_RTOL, atol=SAME_ATOL)
 
 
 def test_top_k_one_is_greedy_and_sampling_is_seeded(params):
@@ -51,13 +148,64 @@ def test_top_k_one_is_greedy_and_sampling_is_seeded(params):
   assert any(not np.array_equal(a, o) for o in others)
 
 
+def test_tiny_top_p_is_greedy(params):
+  prompt = sample.left_pad([[5, 6, 7]])
+  greedy = sample.generate(CFG, params, prompt, max_new_tokens=5)
+  nucleus = sample.generate(CFG, params, prompt, max_new_tokens=5, temperature=1.5, top_p=1e-6,
+                            rng=jax.random.key(0))
+  np.testing.assert_array_equal(greedy, nucleus)
+
+
 def test_top_k_restricts_samples_to_the_k_most_likely(params):
   prompt = sample.left_pad([[5, 6, 7]])
-  logits = Transformer(CFG).apply({"params": params}, prompt)[0, -1]
+  logits = _logits_fn(CFG)(params, prompt)[0, -1]
   top3 = set(np.argsort(np.asarray(logits))[-3:].tolist())
   firsts = {int(sample.generate(CFG, params, prompt, max_new_tokens=1, temperature=2.0, top_k=3,
                                 rng=jax.random.key(k))[0, -1]) for k in range(30)}
   assert firsts <= top3 and len(firsts) > 1
+
+
+def _np_kept(logits_V, top_k, top_p):
+  """Indices a numpy float64 oracle keeps: top k by value, then the shortest most-likely prefix
+  whose renormalised probability reaches top_p."""
+  order = np.argsort(-logits_V, kind="stable")[:top_k or len(logits_V)]
+  probs = np.exp(logits_V[order] - logits_V[order].max())
+  probs /= probs.sum()
+  if top_p is None:
+    return set(order.tolist())
+  mass = np.cumsum(probs)
+  # A prefix mass within f32 rounding of top_p would make the answer a coin toss: pick other data.
+  assert np.min(np.abs(mass - top_p)) > 1e-5
+  n = int(np.searchsorted(mass, top_p)) + 1  # the first prefix with mass >= top_p
+  return set(order[:n].tolist())
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, 0.3), (None, 0.9), (None, 0.999), (5, 0.7),
+                                         (3, None), (None, 1e-9)])
+def test_filter_logits_keeps_the_nucleus_a_numpy_oracle_keeps(top_k, top_p):
+  # Logits spread over several units, so nuclei range from one token to most of the vocab.
+  logits_BxV = np.random.default_rng(1).normal(0.0, 2.0, (8, 40)).astype(np.float32)
+  out_BxV = np.asarray(jax.jit(sample.filter_logits, static_argnums=(1, 2))(
+      jnp.asarray(logits_BxV), top_k, top_p))
+  sizes = set()
+  for logits_V, row_V in zip(logits_BxV, out_BxV):
+    kept = _np_kept(logits_V.astype(np.float64), top_k, top_p)
+    assert set(np.flatnonzero(np.isfinite(row_V)).tolist()) == kept
+    np.testing.assert_array_equal(row_V[sorted(kept)], logits_V[sorted(kept)])  # kept unchanged
+    sizes.add(len(kept))
+  if top_p is not None and top_p > 1e-6:
+    assert len(sizes) > 1  # the rows exercise nuclei of different sizes
+
+
+def test_top_p_samples_stay_in_the_nucleus(params):
+  prompt = sample.left_pad([[5, 6, 7]])
+  logits_V = np.asarray(_logits_fn(CFG)(params, prompt)[0, -1], np.float64)
+  nucleus = _np_kept(logits_V / 2.0, None, 0.5)
+  firsts = {int(sample.generate(CFG, params, prompt, max_new_tokens=1, temperature=2.0, top_p=0.5,
+                                rng=jax.random.key(k))[0, -1]) for k in range(30)}
+  assert firsts <= nucleus and len(firsts) > 1
+  with pytest.raises(ValueError, match="top_p"):
+    sample.generate(CFG, params, prompt, max_new_tokens=1, temperature=1.0, top_p=0.0)
 
 
 def test_prompt_lengths_not_token_values_mark_the_padding(params):
