@@ -63,19 +63,9 @@ def _f32(x: Array) -> Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _masked_mean(per_token_BxL: Array, mask_BxL: Array) -> Array:
-  if per_token_BxL.shape != mask_BxL.shape:
-    raise ValueError(f"per-token shape {per_token_BxL.shape} != mask shape {mask_BxL.shape}")
-  mask_BxL = mask_BxL.astype(per_token_BxL.dtype)
-  # A where, not only a product: a masked position may hold inf or NaN (0 * inf = NaN).
-  total = jnp.sum(jnp.where(mask_BxL != 0, per_token_BxL * mask_BxL, 0.0))
-  return total / jnp.maximum(jnp.sum(mask_BxL), 1.0)
-
-
-def _kl_BxL(logp_BxLxK: Array, logq_BxLxK: Array) -> Array:
-  """sum_k p (log p - log q) with 0 log 0 = 0 (the where sits inside: no NaN gradient)."""
-  p_BxLxK = jnp.exp(logp_BxLxK)
-  return jnp.sum(p_BxLxK * jnp.where(p_BxLxK > 0, logp_BxLxK - logq_BxLxK, 0.0), axis=-1)
+# The same masked mean and 0 log 0 = 0 KL as the live losses.
+_masked_mean = losses._masked_mean  # pylint: disable=protected-access
+_kl_BxL = losses._kl_BxL  # pylint: disable=protected-access
 
 
 def _gather(x_BxLxV: Array, ids_BxLxK: Array) -> Array:

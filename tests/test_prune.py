@@ -28,6 +28,7 @@ import pytest
 from kdjax import checkpoint, hf, prune, train
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig, Transformer
+from test_model import _random_param  # norm scales and biases away from 1 and 0
 import scripts_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,26 +59,6 @@ SAME_RTOL, SAME_ATOL = 1e-5, 1e-6
 
 
 # ----------------------------------------------------------------------------- builders
-
-
-def _random_param(path, shape, rng):
-  """Init-like scales, but norm scales 1 + N(0, 0.3^2) and biases N(0, 0.1^2), so a norm or bias
-  that was dropped or mixed up shows."""
-  name, parent = path[-1].key, path[-2].key
-  z = rng.standard_normal(shape)
-  if name == "scale":
-    return 1.0 + 0.3 * z
-  if name == "bias":
-    return 0.1 * z
-  if name == "embedding":
-    return z * shape[-1] ** -0.5
-  if parent in ("query", "key", "value"):  # [S,] D x H x K
-    fan_in = shape[-3]
-  elif parent == "out":  # [S,] H x K x D
-    fan_in = shape[-3] * shape[-2]
-  else:  # [S,] in x out
-    fan_in = shape[-2]
-  return z * fan_in ** -0.5
 
 
 @functools.lru_cache(maxsize=None)
