@@ -115,6 +115,26 @@ def get_config(arg=None):
       alpha_schedule=_schedule(end=0.5),
       temperature_schedule=_schedule(end=1.0),
       feature_weight_schedule=_schedule(end=0.0),
+      # Offline teacher: a cache folder written by scripts/cache_teacher.py for this config
+      # (e.g. <workdir>/teacher_cache/k32). The distilled phase then reads the teacher's top-k
+      # or sampled log-probs from it and runs no teacher; '' = the live teacher.
+      teacher_cache="",
+      # How the soft loss uses the cache (kdjax.cache_losses): 'topk_residual' (k ids + a tail
+      # bucket, any cache), 'topk_renorm' (k ids renormalised), 'sampled' (needs a cache built
+      # with --estimator_samples; unbiased, at the temperature it was built for).
+      cache_estimator="topk_residual",
+      # On-policy distillation (GKD, kdjax.gkd): with this probability per batch, the student
+      # continues the first on_policy_prompt_tokens of each row with its own samples (at
+      # on_policy_temperature) and learns generalized_jsd(beta) against the teacher on them;
+      # 0 = off. on_policy_new_tokens = 0 fills the row.
+      on_policy_fraction=0.0,
+      on_policy_prompt_tokens=32,
+      on_policy_new_tokens=0,
+      on_policy_temperature=1.0,
+      # Sequence-level distillation: a folder written by scripts/teacher_sequences.py (the
+      # teacher's continuations, a TFDS dataset); the distilled phase trains on it instead of
+      # the train split. With alpha = 0 (and no other teacher term) no teacher is loaded.
+      sequence_data="",
   ))
 
   # How the frozen teacher runs during distillation and evaluation: '' keeps config.teacher's

@@ -196,16 +196,20 @@ def soft_loss(estimator: str, s_logits_BxLxV: Array, cached: Mapping[str, Array]
 def distillation_loss(s_logits_BxLxV: Array, cached: Mapping[str, Array], labels_BxL: Array,
                       mask_BxL: Array, *, estimator: str, temperature: float = 1.0,
                       alpha: float = 0.5) -> tuple[Array, dict[str, Array]]:
-  """losses.distillation_loss with the soft term from the cache: (loss, metrics), same metrics."""
-  if not 0.0 <= alpha <= 1.0:
+  """losses.distillation_loss with the soft term from the cache: (loss, metrics), same metrics.
+
+  alpha and temperature may be traced scalars (a schedule, kdjax.schedules); then both terms are
+  always computed and blended arithmetically, as losses.distillation_loss does.
+  """
+  static_alpha = losses._is_static(alpha)  # pylint: disable=protected-access
+  if static_alpha and not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha}")
   hard = losses.cross_entropy(s_logits_BxLxV, labels_BxL, mask_BxL)
-  if alpha == 0.0:
-    soft, total = jnp.zeros_like(hard), hard
+  if static_alpha and alpha == 0.0:
+    soft = jnp.zeros_like(hard)
   else:
     soft = soft_loss(estimator, s_logits_BxLxV, cached, mask_BxL, temperature=temperature)
-    # A Python branch, not 0 * hard: with alpha == 1 a NaN or inf CE must not reach the loss.
-    total = soft if alpha == 1.0 else alpha * soft + (1.0 - alpha) * hard
+  total = losses._blend(alpha, soft, hard)  # pylint: disable=protected-access
   metrics = {"loss": total, "soft_loss": soft, "hard_loss": hard,
              "num_tokens": jnp.sum(mask_BxL.astype(jnp.float32))}
   return total, {k: v.astype(jnp.float32) for k, v in metrics.items()}

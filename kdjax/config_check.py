@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kdjax import losses, schedules, sharding
+from kdjax import cache_losses, losses, schedules, sharding
 from kdjax.model import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, ModelConfig
 
 MODES = ("experiment", "teacher", "distill", "scratch", "eval")
@@ -35,7 +35,11 @@ _TRAIN_KEYS = {"steps", "learning_rate", "warmup_steps", "end_lr_fraction", "wei
 # Distill fields added after runs were first saved, at the values that reproduce those runs.
 _DISTILL_DEFAULTS = {
     "distill.feature_weight": 0.0, "distill.feature_loss": "mse", "distill.feature_layers": [],
-    "distill.attention_weight": 0.0,
+    "distill.attention_weight": 0.0, "distill.teacher_cache": "", "distill.sequence_data": "",
+    "distill.on_policy_fraction": 0.0,
+    # Unused while the feature above is off: an older run matches whatever is set now.
+    "distill.cache_estimator": None, "distill.on_policy_prompt_tokens": None,
+    "distill.on_policy_new_tokens": None, "distill.on_policy_temperature": None,
     **{f"distill.{name}_schedule.{key}": value
        for name in ("alpha", "temperature", "feature_weight")
        for key, value in (("kind", "constant"), ("end", None), ("steps", 0))},
@@ -208,6 +212,45 @@ def _check_features(d: Any, teacher: ModelConfig, student: ModelConfig) -> None:
              f"must be >= 0 (0 = the whole phase), got {sched.get('steps')}.")
 
 
+def _check_teacher_sources(d: Any, seq_len: int) -> None:
+  """The teacher cache, on-policy and sequence-level fields of config.distill (absent in configs
+  from before they existed)."""
+  fraction = d.get("on_policy_fraction", 0.0)
+  _require(0 <= fraction <= 1, "distill.on_policy_fraction",
+           f"must be in [0, 1] (0 = off), got {fraction}.")
+  if fraction > 0:
+    p, n = d.get("on_policy_prompt_tokens", 32), d.get("on_policy_new_tokens", 0)
+    _require(1 <= p <= seq_len, "distill.on_policy_prompt_tokens",
+             f"{p} must be in [1, data.seq_len={seq_len}].")
+    _require(0 <= n <= seq_len + 1 - p, "distill.on_policy_new_tokens",
+             f"{n} must be in [0, data.seq_len + 1 - on_policy_prompt_tokens = "
+             f"{seq_len + 1 - p}] (0 fills the row).")
+    _require(d.get("on_policy_temperature", 1.0) > 0, "distill.on_policy_temperature",
+             "must be positive (the student samples; 1 is its own distribution).")
+  if not d.get("teacher_cache", ""):
+    return
+  estimator = d.get("cache_estimator", "topk_residual")
+  _require(estimator in cache_losses.NEEDS, "distill.cache_estimator",
+           f"unknown {estimator!r}; use one of {tuple(cache_losses.NEEDS)}.")
+  clash = [("loss", d.loss != "forward_kl", "the cache estimators estimate forward_kl"),
+           ("loss_chunk_size", d.get("loss_chunk_size", 0) > 0, "it chunks live teacher logits"),
+           ("feature_weight", d.get("feature_weight", 0.0) > 0, "hidden states are not cached"),
+           ("attention_weight", d.get("attention_weight", 0.0) > 0,
+            "attention maps are not cached"),
+           ("on_policy_fraction", fraction > 0, "the student's samples need a live teacher"),
+           ("sequence_data", bool(d.get("sequence_data", "")),
+            "the cache holds the train split's batches")]
+  for field, bad, why in clash:
+    _require(not bad, "distill.teacher_cache",
+             f"cannot be combined with distill.{field}={d.get(field)!r} ({why}); set "
+             "teacher_cache='' for a live teacher or restore that field's default.")
+  sched = d.get("temperature_schedule", None)
+  _require(estimator != "sampled" or sched is None or sched.get("kind", "constant") == "constant",
+           "distill.temperature_schedule",
+           "the 'sampled' cache estimator is unbiased only at the temperature its draws were "
+           "made at; keep the temperature constant or use a top-k estimator.")
+
+
 def _check_run_settings(config: Any) -> None:
   for field in ("log_every", "checkpoint_every", "keep_checkpoints", "nonfinite_patience"):
     _require(config[field] >= 1, field, f"must be >= 1 (got {config[field]}).")
@@ -238,6 +281,7 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
   teacher = check_model(config.teacher, "teacher")
   student = check_model(config.student, "student")
   _check_features(d, teacher, student)
+  _check_teacher_sources(d, config.data.seq_len)
   data = config.data
   # Vocabularies may differ by padding rows only: every tokenizer id must index both models.
   _require(data.vocab_size <= teacher.vocab_size, "data.vocab_size",

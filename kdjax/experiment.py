@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from kdjax import checkpoint, config_check, evaluate, hf, loop, sample, sharding, train
-from kdjax.data import hf_tokenizer, hosts, pipeline, shakespeare
+from kdjax import (checkpoint, config_check, evaluate, hf, loop, sample, sharding, teacher_cache,
+                   train)
+from kdjax.data import hf_tokenizer, hosts, pipeline, shakespeare, teacher_text
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig
 
@@ -32,6 +33,9 @@ class Data:
   eval_batches: list[dict[str, np.ndarray]]
   val_batches: list[dict[str, np.ndarray]]  # held-out batches that choose the best checkpoint
   tokens_per_step: int
+  # (source, seed) -> the same kind of stream over another source of {'text'} examples (the
+  # teacher's continuations of sequence-level distillation).
+  make_stream: Callable[[Any, int], Iterator] | None = None
 
 
 def data_dir(config: Any) -> str:
@@ -50,19 +54,21 @@ def prepare_data(config: Any) -> Data:
   check_vocab(config, tok.vocab_size)
   num_shards = int(d.get("num_shards", 1))
 
-  def make_train_iter(seed: int):
+  def make_stream(source, seed: int):
     # This process's streams (see data/hosts.py): the global batch is the same on any number
     # of processes, and each process tokenizes only its rows.
     return hosts.HostBatches(
-        lambda s: pipeline.train_iterator(train_source, tok, seq_len=d.seq_len,
+        lambda s: pipeline.train_iterator(source, tok, seq_len=d.seq_len,
                                           batch_size=d.batch_size // num_shards, seed=seed,
                                           shard_index=s, shard_count=num_shards), num_shards)
+
+  make_train_iter = lambda seed: make_stream(train_source, seed)
 
   evals = pipeline.eval_batches(eval_source, tok, seq_len=d.seq_len,
                                 batch_size=d.eval_batch_size, max_batches=d.eval_batches)
   vals = pipeline.eval_batches(_split(d, "val_split", root), tok, seq_len=d.seq_len,
                                batch_size=d.eval_batch_size, max_batches=d.val_batches)
-  return Data(tok, make_train_iter, evals, vals, d.batch_size * d.seq_len)
+  return Data(tok, make_train_iter, evals, vals, d.batch_size * d.seq_len, make_stream)
 
 
 def check_vocab(config: Any, tokenizer_size: int) -> None:
@@ -257,10 +263,45 @@ def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) ->
                  val_loss_fn=lambda p: evaluate.held_out_loss(s_cfg, p, data.val_batches,
                                                               placement))
   if phase == "distilled":
-    return loop.run_phase(teacher=load_teacher(config, workdir, mesh, rules),
-                          distill=train.DistillSettings.from_config(config.distill),
-                          **student, **common)
+    return _run_distilled(config, workdir, data, student, common)
   return loop.run_phase(**student, **common)
+
+
+def _run_distilled(config: Any, workdir: str, data: Data, student: dict, common: dict):
+  """The distilled student, from the live teacher, its cache, or its continuations."""
+  d, mesh, rules = config.distill, common["mesh"], common["rules"]
+  settings = train.DistillSettings.from_config(d)
+  if d.get("sequence_data", ""):  # sequence-level: the teacher's text replaces the train split
+    source = teacher_text.load_source(d.sequence_data)
+    student["make_train_iter"] = lambda: data.make_stream(source, config.seed + 1)
+  if settings.cache_estimator:  # the teacher's log-probs come with each batch; no teacher runs
+    cache = teacher_cache.TeacherCache(d.teacher_cache)
+    stream = student["make_train_iter"]
+    student["make_train_iter"] = lambda: teacher_cache.CachedBatches(stream(), cache)
+    return loop.run_phase(distill=dataclasses.replace(settings, cache_vocab_size=cache.vocab_size),
+                          **student, **common)
+  if not settings.uses_teacher:  # e.g. sequence-level with alpha = 0: cross-entropy alone
+    return loop.run_phase(**student, **common)
+  return loop.run_phase(teacher=load_teacher(config, workdir, mesh, rules), distill=settings,
+                        **student, **common)
+
+
+def check_teacher_sources(config: Any, workdir: str, phases: tuple[str, ...]) -> None:
+  """A teacher cache or sequence-level data that the distilled phase will read must exist and
+  belong to this run: checked before any data or compile work."""
+  d = config.distill
+  if "distilled" not in phases:
+    return
+  if d.get("teacher_cache", ""):
+    try:
+      teacher_cache.TeacherCache(d.teacher_cache).check_config(config, workdir)
+    except (FileNotFoundError, teacher_cache.CacheMismatch) as e:
+      raise config_check.ConfigError(f"config.distill.teacher_cache: {e}") from None
+  if d.get("sequence_data", ""):
+    try:
+      teacher_text.load_source(d.sequence_data)
+    except FileNotFoundError as e:
+      raise config_check.ConfigError(f"config.distill.sequence_data: {e}") from None
 
 
 def samples(config: Any, cfg: ModelConfig, params: Any, tok, mesh) -> list[str]:
@@ -328,6 +369,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | None:
   phases = phases_to_run(config)
   check_resumable(config, workdir, phases)  # before any data or compile work
   check_teacher_checkpoint(config, workdir, phases)
+  check_teacher_sources(config, workdir, phases)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -343,9 +385,14 @@ def run(config: Any, workdir: str) -> dict[str, Any] | None:
   if config.mode not in ("experiment", "eval"):
     return None
   teacher = load_teacher(config, workdir, mesh, rules)
+  found = [p for p in PHASES[1:]
+           if p in params or checkpoint.saved_config(os.path.join(workdir, p, "checkpoints"))]
+  if missing := [p for p in PHASES[1:] if p not in found]:  # e.g. a workdir of one method
+    print(f"eval: no {' or '.join(missing)} checkpoints in {workdir}; evaluating the others",
+          file=sys.stderr)
   params = {"teacher": teacher.params,
             **{p: params[p] if p in params else _load_phase_params(config, workdir, p, mesh, rules)
-               for p in PHASES[1:]}}
+               for p in found}}
   return evaluate_phases(config, workdir, data, teacher, params, mesh, rules)
 
 

@@ -123,11 +123,14 @@ def _next_token(logits_BxV, key, temperature: float, top_k: int | None,
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
-                                             "top_p"))
-def _generate(params, prompt_BxP, prompt_lengths_B, rng_data, *, cfg: ModelConfig,
-              max_new_tokens: int, temperature: float, top_k: int | None,
-              top_p: float | None) -> jax.Array:
+def decode(params, prompt_BxP: jax.Array, prompt_lengths_B: jax.Array, key: jax.Array, *,
+           cfg: ModelConfig, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+  """The traceable core of `generate` (no jit, no placement): tokens_Bx(P+N).
+
+  The training step calls it to let the student sample its own continuations (kdjax.gkd); the
+  output keeps whatever sharding the compiler propagates from the prompts.
+  """
   if max_new_tokens == 0:
     return prompt_BxP
   model = Transformer(cfg)
@@ -152,9 +155,19 @@ def _generate(params, prompt_BxP, prompt_lengths_B, rng_data, *, cfg: ModelConfi
     next_B = pick(logits_Bx1xV[:, 0], key)
     return (next_B, cache), next_B
 
-  keys_N = jax.random.split(jax.random.wrap_key_data(rng_data), max_new_tokens)
+  keys_N = jax.random.split(key, max_new_tokens)
   _, new_NxB = jax.lax.scan(step, (prompt_BxP[:, -1].astype(jnp.int32), cache), keys_N)
-  tokens_BxT = jnp.concatenate([prompt_BxP, new_NxB.T.astype(prompt_BxP.dtype)], axis=1)
+  return jnp.concatenate([prompt_BxP, new_NxB.T.astype(prompt_BxP.dtype)], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
+                                             "top_p"))
+def _generate(params, prompt_BxP, prompt_lengths_B, rng_data, *, cfg: ModelConfig,
+              max_new_tokens: int, temperature: float, top_k: int | None,
+              top_p: float | None) -> jax.Array:
+  tokens_BxT = decode(params, prompt_BxP, prompt_lengths_B, jax.random.wrap_key_data(rng_data),
+                      cfg=cfg, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_k=top_k, top_p=top_p)
   if not jax.sharding.get_abstract_mesh().empty:
     tokens_BxT = jax.lax.with_sharding_constraint(tokens_BxT, jax.sharding.PartitionSpec())
   return tokens_BxT

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdjax import features, losses, schedules, sharding
+from kdjax import cache_losses, features, gkd, losses, schedules, sharding
 from kdjax.model import ModelConfig, Transformer, unembedding
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: BxL int32; mask: BxL f32
@@ -66,6 +66,13 @@ class DistillSettings:
   alpha_schedule: schedules.Schedule = schedules.Schedule()
   temperature_schedule: schedules.Schedule = schedules.Schedule()
   feature_weight_schedule: schedules.Schedule = schedules.Schedule()
+  # Offline teacher (kdjax.teacher_cache): non-empty = the soft loss reads the batch's cached
+  # t_* arrays with this estimator (cache_losses) and the step runs no teacher; cache_vocab_size
+  # is the cache's vocabulary, which the student's logits are cut to (padding rows past it).
+  cache_estimator: str = ""
+  cache_vocab_size: int = 0
+  # On-policy distillation (kdjax.gkd); None = off.
+  on_policy: gkd.OnPolicy | None = None
 
   @classmethod
   def from_config(cls, d: Any) -> "DistillSettings":
@@ -79,7 +86,15 @@ class DistillSettings:
                attention_weight=float(d.get("attention_weight", 0.0)),
                alpha_schedule=schedule("alpha_schedule"),
                temperature_schedule=schedule("temperature_schedule"),
-               feature_weight_schedule=schedule("feature_weight_schedule"))
+               feature_weight_schedule=schedule("feature_weight_schedule"),
+               cache_estimator=(str(d.get("cache_estimator", "topk_residual"))
+                                if d.get("teacher_cache", "") else ""),
+               on_policy=gkd.OnPolicy(
+                   fraction=float(d.on_policy_fraction),
+                   prompt_tokens=int(d.get("on_policy_prompt_tokens", 32)),
+                   new_tokens=int(d.get("on_policy_new_tokens", 0)),
+                   temperature=float(d.get("on_policy_temperature", 1.0)))
+               if d.get("on_policy_fraction", 0.0) > 0 else None)
 
   def _schedules(self) -> dict[str, tuple[schedules.Schedule, float]]:
     return {"alpha": (self.alpha_schedule, self.alpha),
@@ -90,6 +105,13 @@ class DistillSettings:
     """alpha, temperature and feature_weight for the update after `step` updates: the plain
     Python floats where unscheduled, traced float32 scalars where scheduled."""
     return {name: schedules.value(s, start, step) for name, (s, start) in self._schedules().items()}
+
+  @property
+  def uses_teacher(self) -> bool:
+    """Whether any term of the loss reads a teacher (live or cached): False for alpha == 0 held
+    constant with no feature term and no on-policy batches, which is cross-entropy alone."""
+    soft = self.alpha > 0 or not self.alpha_schedule.is_constant
+    return soft or any(features.terms_on(self)) or self.on_policy is not None
 
   @property
   def scheduled(self) -> tuple[str, ...]:
@@ -227,16 +249,21 @@ def make_teacher_forward(t_cfg: ModelConfig, rules: sharding.Rules | None = None
 def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None,
                       rules: sharding.Rules | None = None, t_softcap: float = 0.0, *,
                       t_cfg: ModelConfig | None = None) -> Callable:
-  """`student_loss(params, batch, t_out, aux_params=None, step=0) -> (loss, metrics)`.
+  """`student_loss(params, batch, t_out, aux_params=None, step=0, on_policy=False)
+  -> (loss, metrics)`.
 
   This is all the step differentiates: the teacher's output comes in as a plain argument:
   t_logits_BxLxV, (t_hidden_BxLxD, t_unembed_DxV) with the chunked loss, or None (no teacher);
   with feature distillation (which needs `t_cfg`) it is (that, t_feats), see make_teacher_forward.
-  `aux_params` holds the feature projection when widths differ; `step` (state.step, traced)
-  drives the schedules of alpha, temperature and feature weight.
+  With a teacher cache (`distill.cache_estimator`) t_out is None and the batch carries the
+  cached teacher (cache_losses). `aux_params` holds the feature projection when widths differ;
+  `step` (state.step, traced) drives the schedules of alpha, temperature and feature weight.
+  `on_policy` (static): the batch is the student's own samples (kdjax.gkd), and the loss is the
+  generalized JSD (distill.beta) alone, with no cross-entropy.
   """
   s_model = Transformer(s_cfg)
 
+  cached = distill is not None and bool(distill.cache_estimator)
   chunked = distill is not None and distill.loss_chunk_size > 0
   plan = features.make_plan(distill, s_cfg, t_cfg)
   if t_cfg is None and any(features.terms_on(distill)):
@@ -248,13 +275,23 @@ def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None
         return _forward(s_model, params, batch, final_hidden=chunked), None
       return features.forward(s_model, s_cfg, params, batch, plan, plan.s_layers, chunked)
 
-  def student_loss(params, batch: Batch, t_out, aux_params=None, step=0):
-    if t_out is None:  # no teacher: next-token cross-entropy alone, no feature terms
+  def student_loss(params, batch: Batch, t_out, aux_params=None, step=0, on_policy=False):
+    if t_out is None and not cached:  # no teacher: next-token cross-entropy alone
       with sharding.activation_rules(rules):
         s_logits_BxLxV = _forward(s_model, params, batch)
       ce = losses.cross_entropy(s_logits_BxLxV, batch["targets"], batch["mask"])
       return ce, {"loss": ce, "hard_loss": ce, "num_tokens": jnp.sum(batch["mask"])}
     knobs = distill.at(step)
+    if cached:
+      with sharding.activation_rules(rules):
+        s_logits_BxLxV = _forward(s_model, params, batch)
+      if distill.cache_vocab_size:  # the cache's ids index the shared vocabulary only
+        s_logits_BxLxV = s_logits_BxLxV[..., :distill.cache_vocab_size]
+      return cache_losses.distillation_loss(
+          s_logits_BxLxV, batch, batch["targets"], batch["mask"],
+          estimator=distill.cache_estimator, temperature=knobs["temperature"],
+          alpha=knobs["alpha"])
+    loss_name, alpha = ("generalized_jsd", 1.0) if on_policy else (distill.loss, knobs["alpha"])
     t_out, t_feats = t_out if plan is not None else (t_out, None)
     s_out, s_feats = forward(params, batch)
     if chunked:
@@ -263,15 +300,15 @@ def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None
                                                          t_unembed_DxV)
       loss, metrics = losses.chunked_distillation_loss(
           s_hidden_BxLxD, s_unembed_DxV, t_hidden_BxLxD, t_unembed_DxV,
-          batch["targets"], batch["mask"], loss=distill.loss, temperature=knobs["temperature"],
-          alpha=knobs["alpha"], beta=distill.beta, skew=distill.skew,
+          batch["targets"], batch["mask"], loss=loss_name, temperature=knobs["temperature"],
+          alpha=alpha, beta=distill.beta, skew=distill.skew,
           chunk_size=distill.loss_chunk_size, s_logit_softcap=s_cfg.logit_softcap,
           t_logit_softcap=t_softcap)
     else:
       s_logits_BxLxV, t_logits_BxLxV = losses.shared_vocab(s_out, t_out)
       loss, metrics = losses.distillation_loss(
-          s_logits_BxLxV, t_logits_BxLxV, batch["targets"], batch["mask"], loss=distill.loss,
-          temperature=knobs["temperature"], alpha=knobs["alpha"], beta=distill.beta,
+          s_logits_BxLxV, t_logits_BxLxV, batch["targets"], batch["mask"], loss=loss_name,
+          temperature=knobs["temperature"], alpha=alpha, beta=distill.beta,
           skew=distill.skew)
     if plan is None:
       return loss, metrics
@@ -302,9 +339,20 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
   With feature distillation between widths the optimizer updates (params, aux_params) together:
   one global-norm clip, one NaN guard; the state must come from create_train_state(..., t_cfg=,
   distill=). Scheduled settings are logged as metrics 'alpha', 'temperature', 'feature_weight'.
+
+  With a teacher cache (`distill.cache_estimator`) there is no teacher: t_cfg must be None, and
+  every batch carries its cached t_* arrays. With `distill.on_policy` (kdjax.gkd) each
+  (micro-)batch is, with probability lambda, replaced by the student's own samples, drawn with a
+  key derived from state.rng; the metric 'on_policy' is the share of such batches.
   """
   if t_cfg is not None and distill is None:
     raise ValueError("make_train_step: a teacher needs DistillSettings.")
+  cached = distill is not None and bool(distill.cache_estimator)
+  if cached and t_cfg is not None:
+    raise ValueError("make_train_step: a teacher cache replaces the teacher; pass t_cfg=None.")
+  on_policy = distill.on_policy if distill is not None else None
+  if on_policy is not None and (t_cfg is None or cached):
+    raise ValueError("make_train_step: on-policy distillation needs a live teacher (t_cfg).")
   chunked = distill is not None and distill.loss_chunk_size > 0
   plan = features.make_plan(distill, s_cfg, t_cfg)
   teacher_forward = (make_teacher_forward(t_cfg, t_rules, final_hidden=chunked, plan=plan)
@@ -313,44 +361,67 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
                                    t_softcap=t_cfg.logit_softcap if t_cfg else 0.0, t_cfg=t_cfg)
   with_aux = plan is not None and plan.projection
 
-  def trainable_loss(trainable, batch: Batch, t_out, step):
+  def trainable_loss(trainable, batch: Batch, t_out, step, is_on_policy):
     params, aux_params = trainable if with_aux else (trainable, None)
-    return student_loss(params, batch, t_out, aux_params, step)
+    return student_loss(params, batch, t_out, aux_params, step, is_on_policy)
 
-  grad_fn = jax.value_and_grad(trainable_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(trainable_loss, has_aux=True, argnums=0)
 
-  def micro_step(trainable, teacher_params, batch: Batch, step):
+  def grads_on(trainable, teacher_params, batch: Batch, step, is_on_policy=False):
     # The teacher runs outside value_and_grad: only the student's loss is differentiated.
     t_out = teacher_forward(teacher_params, batch) if teacher_forward else None
-    (_, metrics), grads = grad_fn(trainable, batch, t_out, step)
+    (_, metrics), grads = grad_fn(trainable, batch, t_out, step, is_on_policy)
     return grads, metrics
+
+  def micro_step(trainable, teacher_params, batch: Batch, step, key):
+    if on_policy is None:
+      return grads_on(trainable, teacher_params, batch, step)
+    coin_key, sample_key = jax.random.split(key)
+
+    def student_samples():
+      params = trainable[0] if with_aux else trainable
+      samples = gkd.student_batch(s_cfg, params, batch, sample_key, on_policy, rules)
+      grads, metrics = grads_on(trainable, teacher_params, samples, step, True)
+      return grads, dict(metrics, on_policy=jnp.ones((), jnp.float32))
+
+    def data():
+      grads, metrics = grads_on(trainable, teacher_params, batch, step)
+      return grads, dict(metrics, on_policy=jnp.zeros((), jnp.float32))
+
+    return jax.lax.cond(gkd.coin(coin_key, on_policy.fraction), student_samples, data)
 
   def train_step(state: TrainState, teacher_params, batch: Batch):
     if with_aux and state.aux_params is None:
       raise ValueError("train_step: feature distillation between widths needs the projection; "
                        "build the state with create_train_state(..., t_cfg=, distill=).")
     trainable = _trainable(state.params, state.aux_params if with_aux else None)
+    # The sibling of the next state's key (new_rng below): on-policy coins and samples.
+    key = jax.random.split(jax.random.wrap_key_data(state.rng))[1]
     if grad_accum_steps == 1:
-      grads, metrics = micro_step(trainable, teacher_params, batch, state.step)
+      grads, metrics = micro_step(trainable, teacher_params, batch, state.step, key)
     else:
       # Strided split (rows i, i + A, ...): with the batch sharded over devices, every device
       # holds a slice of every micro-batch, so no device idles while others work.
       micro = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
                               *x.shape[1:]).swapaxes(0, 1), batch)
-      total_tokens = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
-
-      def body(acc, mb):
-        grads, metrics = micro_step(trainable, teacher_params, mb, state.step)
-        w = metrics["num_tokens"] / total_tokens
-        acc = jax.tree.map(lambda a, x: a + w * x, acc, (grads, metrics))
-        return acc, None
+      # Token sums, divided by the token count at the end: an on-policy micro-batch (kdjax.gkd)
+      # has its own number of scored tokens, so the data batch's count cannot be the divisor.
+      def body(acc, mb_i):
+        mb, i = mb_i
+        grads, metrics = micro_step(trainable, teacher_params, mb, state.step,
+                                    jax.random.fold_in(key, i))
+        n = metrics["num_tokens"]
+        sums = jax.tree.map(lambda a, x: a + n * x, acc[0], (grads, metrics))
+        return (sums, acc[1] + n), None
 
       zeros = jax.eval_shape(micro_step, trainable, teacher_params,
-                             jax.tree.map(lambda x: x[0], micro), state.step)
+                             jax.tree.map(lambda x: x[0], micro), state.step, key)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-      (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-      metrics["num_tokens"] = jnp.sum(batch["mask"])
+      ((grads, metrics), n_total), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(grad_accum_steps)))
+      grads, metrics = jax.tree.map(lambda x: x / jnp.maximum(n_total, 1.0), (grads, metrics))
+      metrics["num_tokens"] = n_total
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     grad_norm = optax.global_norm(grads)
@@ -366,7 +437,7 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
                    learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
                    skipped_steps=skipped.astype(jnp.float32),
                    nonfinite_streak=streak.astype(jnp.float32))
-    if distill is not None and t_cfg is not None:  # the scheduled settings this step used
+    if distill is not None:  # the scheduled settings this step used
       knobs = distill.at(state.step)
       metrics.update({name: jnp.asarray(knobs[name], jnp.float32) for name in distill.scheduled})
     new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])

@@ -517,3 +517,34 @@ def test_cached_batches_resume_where_they_left_off(tmp_path, models):
                            cache_losses.TOPK_LOGPROBS, cache_losses.RESIDUAL}
   with pytest.raises(teacher_cache.CacheMismatch, match="without a teacher cache"):
     resumed.set_state({"index": 2})
+
+
+def test_training_from_a_cache_of_every_id_equals_training_with_the_live_teacher(tmp_path,
+                                                                                 models):
+  """The distilled phase's step reading a k = V cache (no teacher in the step) takes the same
+  updates as the step that runs the live teacher, at a temperature other than 1."""
+  from kdjax import train  # the step and its optimizer; nothing else in this file needs them
+  mesh, rules, t_params, _ = models
+  _build(tmp_path / "kV", models, top_k=V, steps=3)
+  cache = teacher_cache.TeacherCache(str(tmp_path / "kV"))
+  tc = ml_collections.ConfigDict(dict(steps=3, learning_rate=1e-2, warmup_steps=0,
+                                      end_lr_fraction=1.0, weight_decay=0.0, grad_clip=1.0,
+                                      b1=0.9, b2=0.95, grad_accum_steps=1))
+  tx, schedule = train.make_optimizer(tc), train.make_schedule(tc)
+  live = train.DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5)
+  cached = train.DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5,
+                                 cache_estimator="topk_residual", cache_vocab_size=V)
+  runs = {}
+  for name, settings, t_cfg, stream in (
+      ("live", live, T_CFG, _Stream(7)),
+      ("cached", cached, None, teacher_cache.CachedBatches(_Stream(7), cache))):
+    state, _ = train.create_train_state(S_CFG, tx, 0, mesh, rules)
+    step = jax.jit(train.make_train_step(S_CFG, tx, schedule, t_cfg=t_cfg, distill=settings))
+    losses_seen = []
+    for _ in range(3):
+      state, metrics = step(state, t_params if t_cfg else None, next(stream))
+      losses_seen.append(float(metrics["loss"]))
+    runs[name] = (state.params, losses_seen)
+  np.testing.assert_allclose(runs["cached"][1], runs["live"][1], rtol=RTOL)
+  for want, got in zip(jax.tree.leaves(runs["live"][0]), jax.tree.leaves(runs["cached"][0])):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
