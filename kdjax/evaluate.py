@@ -1,7 +1,15 @@
-"""Held-out evaluation: perplexity, top-1 agreement with the teacher, KL(teacher || model).
+"""Held-out evaluation: perplexity, top-1 and top-5 agreement with the teacher, KL(teacher ||
+model) and expected calibration error.
 
-All three are exact token-weighted means over the unmasked targets of the eval batches (each
-batch's mean is re-weighted by its token count), whatever the batch boundaries.
+All are exact token-weighted means over the unmasked targets of the eval batches (each batch's
+mean is re-weighted by its token count, the calibration bins are summed), whatever the batch
+boundaries.
+
+  top1_agreement  argmax(model) == argmax(teacher)
+  top5_agreement  the teacher's argmax is among the model's 5 most likely tokens
+  ece             expected calibration error of the model's next-token prediction: confidences
+                  max_v p(v) in ECE_BINS equal-width bins on [0, 1], sum over bins of
+                  (tokens in bin / tokens) |accuracy in bin - mean confidence in bin|
 
 Every process holds the same eval batches in full. Given a `Placement` (mesh and rules), each batch
 becomes a global array split over (data, fsdp) and the step traces under the mesh, so evaluation
@@ -23,7 +31,8 @@ import numpy as np
 from kdjax import losses, sharding
 from kdjax.model import ModelConfig, Transformer
 
-METRICS = ("loss", "accuracy", "top1_agreement", "kl_to_teacher")
+METRICS = ("loss", "accuracy", "top1_agreement", "top5_agreement", "kl_to_teacher")
+ECE_BINS = 15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +80,36 @@ def make_eval_step(cfg: ModelConfig, t_cfg: ModelConfig, rules=None, t_rules=Non
         "top1_agreement": losses.top1_agreement(logits_BxLxV, t_logits_BxLxV, mask),
         "kl_to_teacher": losses.forward_kl(logits_BxLxV, t_logits_BxLxV, mask, temperature=1.0),
     }
-    return {k: v * n for k, v in means.items()}, n
+    sums = {k: v * n for k, v in means.items()}
+    # Top-5 by a rank count (ties count against the teacher's token): no sort of the vocab.
+    t_top_BxL = jnp.argmax(t_logits_BxLxV, axis=-1)
+    at_top_BxL = jnp.take_along_axis(logits_BxLxV, t_top_BxL[..., None], axis=-1)
+    rank_BxL = jnp.sum(logits_BxLxV > at_top_BxL, axis=-1)
+    sums["top5_agreement"] = jnp.sum(jnp.where(mask != 0, rank_BxL < 5, False))
+    sums.update(calibration_sums(logits_BxLxV, targets, mask))
+    return sums, n
 
   return eval_step
+
+
+def calibration_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
+                     mask_BxL: jax.Array) -> dict[str, jax.Array]:
+  """Per-bin token counts, confidence sums and correct counts ([ECE_BINS] each, float32)."""
+  probs_BxLxV = jax.nn.softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  conf_BxL = jnp.max(probs_BxLxV, axis=-1)
+  correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+  bin_BxL = jnp.minimum((conf_BxL * ECE_BINS).astype(jnp.int32), ECE_BINS - 1)
+  onehot_BxLxE = jax.nn.one_hot(bin_BxL, ECE_BINS) * (mask_BxL != 0)[..., None]
+  return {"ece_count": jnp.sum(onehot_BxLxE, axis=(0, 1)),
+          "ece_conf": jnp.einsum("ble,bl->e", onehot_BxLxE, conf_BxL),
+          "ece_correct": jnp.einsum("ble,bl->e", onehot_BxLxE, correct_BxL)}
+
+
+def expected_calibration_error(count_E, conf_E, correct_E) -> float:
+  count_E, conf_E, correct_E = (np.asarray(x, np.float64) for x in (count_E, conf_E, correct_E))
+  safe_E = np.maximum(count_E, 1.0)
+  gap_E = np.abs(correct_E / safe_E - conf_E / safe_E)
+  return float(np.sum(count_E * gap_E) / max(np.sum(count_E), 1.0))
 
 
 @functools.lru_cache(maxsize=8)
@@ -108,14 +144,19 @@ def evaluate(cfg: ModelConfig, params: Any, t_cfg: ModelConfig, t_params: Any,
   eval_step = make_eval_step(cfg, t_cfg, placement and placement.rules,
                              placement and placement.t_rules)
   sums = {k: 0.0 for k in METRICS}
+  bins = {k: np.zeros(ECE_BINS) for k in ("ece_count", "ece_conf", "ece_correct")}
   tokens = 0.0
   for batch in batches:
     with _mesh_context(placement):
       batch_sums, n = jax.device_get(eval_step(params, t_params, _placed(placement, batch)))
     for k in METRICS:
       sums[k] += float(batch_sums[k])
+    for k in bins:
+      bins[k] += np.asarray(batch_sums[k], np.float64)
     tokens += float(n)
   out = {k: v / max(tokens, 1.0) for k, v in sums.items()}
   out["ppl"] = math.exp(out["loss"])
+  out["ece"] = expected_calibration_error(bins["ece_count"], bins["ece_conf"],
+                                          bins["ece_correct"])
   out["tokens"] = tokens
   return out

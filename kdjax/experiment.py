@@ -312,10 +312,11 @@ def samples(config: Any, cfg: ModelConfig, params: Any, tok, mesh) -> list[str]:
 
 
 def format_table(summary: dict[str, dict[str, float]]) -> str:
-  lines = [f"{'model':<10} {'params':>9} {'ppl':>9} {'top1_agree':>10} {'kl_to_teacher':>13}"]
+  lines = [f"{'model':<10} {'params':>9} {'ppl':>9} {'top1_agree':>10} {'top5_agree':>10} "
+           f"{'kl_to_teacher':>13} {'ece':>7}"]
   for name, m in summary.items():
     lines.append(f"{name:<10} {m['params']:>9,d} {m['ppl']:>9.2f} {m['top1_agreement']:>10.4f} "
-                 f"{m['kl_to_teacher']:>13.4f}")
+                 f"{m['top5_agreement']:>10.4f} {m['kl_to_teacher']:>13.4f} {m['ece']:>7.4f}")
   return "\n".join(lines)
 
 

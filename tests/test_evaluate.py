@@ -39,7 +39,7 @@ def test_metrics_equal_a_direct_numpy_computation_over_all_tokens():
   batches = _batches(rng)
   got = evaluate.evaluate(S_CFG, s_params, T_CFG, t_params, batches)
 
-  nll, agree, kl, correct, n = [], [], [], [], 0
+  nll, agree, agree5, kl, correct, conf, n = [], [], [], [], [], [], 0
   for batch in batches:
     args = (batch["inputs"], batch["segment_ids"], batch["positions"])
     s = np.asarray(Transformer(S_CFG).apply({"params": s_params}, *args), np.float64)
@@ -49,6 +49,9 @@ def test_metrics_equal_a_direct_numpy_computation_over_all_tokens():
     lab = batch["targets"]
     nll += list(-np.take_along_axis(s_lp, lab[..., None], -1)[..., 0][real])
     agree += list((s.argmax(-1) == t.argmax(-1))[real])
+    top5 = np.argsort(-s, axis=-1, kind="stable")[..., :5]
+    agree5 += list((top5 == t.argmax(-1)[..., None]).any(-1)[real])
+    conf += list(np.exp(s_lp).max(-1)[real])
     correct += list((s.argmax(-1) == lab)[real])
     kl += list((np.exp(t_lp) * (t_lp - s_lp)).sum(-1)[real])
     n += int(real.sum())
@@ -57,7 +60,16 @@ def test_metrics_equal_a_direct_numpy_computation_over_all_tokens():
   np.testing.assert_allclose(got["top1_agreement"], np.mean(agree), rtol=1e-6)
   np.testing.assert_allclose(got["accuracy"], np.mean(correct), rtol=1e-6)
   np.testing.assert_allclose(got["kl_to_teacher"], np.mean(kl), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got["top5_agreement"], np.mean(agree5), rtol=1e-6)
+  assert got["top5_agreement"] >= got["top1_agreement"]
+  # ECE from its definition: 15 equal-width confidence bins, |accuracy - confidence| per bin.
+  conf, correct = np.asarray(conf), np.asarray(correct, np.float64)
+  bins = np.minimum((conf * 15).astype(int), 14)
+  ece = sum(np.sum(bins == e) / n * abs(correct[bins == e].mean() - conf[bins == e].mean())
+            for e in range(15) if np.any(bins == e))
+  np.testing.assert_allclose(got["ece"], ece, rtol=1e-5, atol=1e-7)
   assert got["tokens"] == n
 
   self_eval = evaluate.evaluate(T_CFG, t_params, T_CFG, t_params, batches)
   assert self_eval["top1_agreement"] == 1.0 and abs(self_eval["kl_to_teacher"]) < 1e-6
+  assert self_eval["top5_agreement"] == 1.0
