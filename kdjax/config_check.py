@@ -252,6 +252,12 @@ def _check_teacher_sources(d: Any, seq_len: int) -> None:
 
 
 def _check_run_settings(config: Any) -> None:
+  wandb = config.get("wandb", None)
+  if wandb is not None and wandb.get("enabled", False):
+    import importlib.util
+    _require(importlib.util.find_spec("wandb") is not None, "wandb.enabled",
+             "Weights & Biases is not installed; `pip install wandb` (and `wandb login`), or "
+             "leave it False (TensorBoard and metrics.jsonl are always written).")
   for field in ("log_every", "checkpoint_every", "keep_checkpoints", "nonfinite_patience"):
     _require(config[field] >= 1, field, f"must be >= 1 (got {config[field]}).")
   for field in ("eval_batches", "val_batches"):

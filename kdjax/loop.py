@@ -144,7 +144,8 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
   # Every process computes the same replicated metrics; only process 0 writes them.
   log = MetricLog(phase_dir, phase=phase, start_step=start, total_steps=total,
                   tokens_per_step=tokens_per_step, show_progress=show_progress,
-                  enabled=jax.process_index() == 0)
+                  enabled=jax.process_index() == 0, wandb=config_dict.get("wandb"),
+                  config=config_dict)
   last_saved = start
   val_losses = {}  # step -> held-out loss, merged into that step's metrics row
   previous = None  # (step, device metrics) of the step before the one just dispatched
