@@ -7,8 +7,13 @@ the same batches for the same number of steps, and compares all three on held-ou
   python -m kdjax.main --config=configs/shakespeare.py:smoke --workdir=runs/smoke
 
 Presets (the part after ':'):
-  (none)  the default run: 9-12 minutes on a 2-core CPU (README has the measured table).
-  smoke   the same pipeline shrunk to about 30 seconds; tests use it.
+  (none)        the default run: 9-12 minutes on a 2-core CPU (README has the measured table).
+  smoke         the same pipeline shrunk to about 30 seconds; tests use it.
+  ablate        the provided ablation set (see `sweep`), for scripts/ablate.py; about 30
+                minutes on a 2-core CPU:
+                  python scripts/ablate.py --config=configs/shakespeare.py:ablate \
+                      --workdir=runs/ablate
+  ablate_smoke  a small sweep on the smoke sizes, about 3 minutes; tests use it.
 
 Any field can be overridden, e.g. `--config.distill.temperature=2 --config.seed=1`.
 """
@@ -17,7 +22,7 @@ import ml_collections
 
 from kdjax.sharding import DEFAULT_RULES
 
-PRESETS = ("", "smoke")
+PRESETS = ("", "smoke", "ablate", "ablate_smoke")
 
 
 def _model(vocab_size, *, d_model, num_layers, num_heads, num_kv_heads, mlp_dim, max_len):
@@ -41,6 +46,46 @@ def _train(*, steps, learning_rate, warmup_steps):
 
 def _schedule(*, end):
   return ml_collections.ConfigDict(dict(kind="constant", end=end, steps=0))
+
+
+def _point(name, group, phase="distilled", **overrides):
+  return dict(name=name, group=group, phase=phase,
+              overrides={k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def sweep(smoke: bool = False) -> list[dict]:
+  """The provided ablations, as points for scripts/ablate.py (kdjax.ablation): each point is the
+  base config with a few overrides, the same seed, and the same shared teacher.
+
+  temperature_alpha  T in {1, 2, 4, 8} x alpha in {0.5, 0.9, 1}, and alpha = 0 (cross-entropy
+                     only, where T does not matter) once
+  divergence         the six soft losses at T = 1, alpha = 0.5
+  student_size       three student widths/depths, distilled and from scratch
+  data_budget        distilled vs scratch at 1/2, 1 and 2 x the student's steps (Gemma 2's curve)
+  """
+  temperatures, alphas = ((1.0, 4.0), (0.5, 1.0)) if smoke else ((1.0, 2.0, 4.0, 8.0),
+                                                               (0.5, 0.9, 1.0))
+  points = [_point("alpha0", "temperature_alpha", distill__alpha=0.0)]
+  points += [_point(f"T{t:g}_a{a:g}", "temperature_alpha", distill__temperature=t,
+                    distill__alpha=a) for t in temperatures for a in alphas]
+  divergences = (("forward_kl", "reverse_kl", "tvd") if smoke else
+                 ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl",
+                  "tvd"))
+  points += [_point(loss, "divergence", distill__loss=loss) for loss in divergences]
+  sizes = ({"s": (16, 1)} if smoke else {"s": (64, 1), "m": (96, 2), "l": (128, 3)})
+  for size, (width, layers) in sizes.items():
+    for phase in ("distilled", "scratch"):
+      points.append(_point(f"{size}_{phase}", "student_size", phase, student__d_model=width,
+                           student__num_layers=layers, student__mlp_dim=width * 8 // 3 // 8 * 8))
+  base_steps = 30 if smoke else 150
+  budgets = (base_steps // 2, base_steps) if smoke else (base_steps // 2, base_steps,
+                                                         2 * base_steps)
+  for steps in budgets:
+    for phase in ("distilled", "scratch"):
+      points.append(_point(f"steps{steps}_{phase}", "data_budget", phase,
+                           student_train__steps=steps,
+                           student_train__warmup_steps=max(1, steps // 10)))
+  return points
 
 
 def get_config(arg=None):
@@ -161,6 +206,10 @@ def get_config(arg=None):
   config.sample_temperature = 0.8
   config.sample_top_k = 40
   config.progress_bar = True
+  # Weights & Biases, if installed: each phase logs its metrics rows to a run named after it
+  # (TensorBoard event files and metrics.jsonl are written either way).
+  config.wandb = ml_collections.ConfigDict(dict(enabled=False, project="kdjax", entity="",
+                                                group=""))
 
   if arg == "smoke":
     config.data.batch_size = 8
@@ -177,6 +226,25 @@ def get_config(arg=None):
     config.checkpoint_every = 20
     config.num_samples = 2
     config.sample_tokens = 12
+  elif arg == "ablate":
+    # The default models on shorter rows and fewer steps: 30-odd runs in about 30 minutes.
+    seq_len.set(64)
+    config.data.eval_batches = 12
+    config.data.val_batches = 4
+    config.student_train.update(steps=150, warmup_steps=15)
+    config.checkpoint_every = 150
+    config.num_samples = 0
+    config.progress_bar = False
+    config.sweep = sweep()
+  elif arg == "ablate_smoke":
+    return _ablate_smoke(get_config("smoke"))
   elif arg not in (None, ""):
-    raise ValueError(f"configs/shakespeare.py: unknown preset {arg!r}; use '' or 'smoke'.")
+    raise ValueError(f"configs/shakespeare.py: unknown preset {arg!r}; use one of {PRESETS}.")
+  return config
+
+
+def _ablate_smoke(config):
+  config.num_samples = 0
+  config.progress_bar = False
+  config.sweep = sweep(smoke=True)
   return config

@@ -1,0 +1,287 @@
+"""Ablation sweeps: one shared teacher, then one student phase per point, then a results table.
+
+A config that holds a sweep (`config.sweep`, a list of points; see configs/shakespeare.py's
+`:ablate` presets) names each point as
+
+  {"name": "T2_a0.5", "group": "temperature_alpha", "phase": "distilled" | "scratch",
+   "overrides": {"distill.temperature": 2.0, "distill.alpha": 0.5}}
+
+Every point starts from the same config (same seed: same student init, same batches) with its
+overrides applied, and distills from the same teacher, trained once in `<workdir>/teacher` (or
+config.teacher_checkpoint). Points whose overrides amount to the same run (say, the baseline of
+two groups) share one run directory, `<workdir>/points/<key>`, named after the overrides that
+differ from the base config. A point is finished when its `result.json` exists, so an
+interrupted sweep resumes at the first unfinished point, and a point's own phase resumes from
+its checkpoints.
+
+`results.csv` (and `results.md`) list the finished points in sweep order with their held-out
+metrics (kdjax.evaluate): deterministic values only, so a rerun on CPU writes the same bytes.
+Wall times go to `timings.csv`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from typing import Any
+
+import jax
+
+from kdjax import config_check, evaluate, experiment, plots, sharding
+from kdjax.model import ModelConfig
+
+PHASES = ("distilled", "scratch")
+COLUMNS = ("name", "group", "phase", "overrides", "params", "train_tokens", "ppl", "loss",
+           "accuracy", "top1_agreement", "top5_agreement", "kl_to_teacher", "ece")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  name: str
+  group: str
+  phase: str
+  overrides: tuple[tuple[str, Any], ...]  # sorted (dotted field, value) pairs
+
+  @property
+  def overrides_dict(self) -> dict[str, Any]:
+    return dict(self.overrides)
+
+
+def points(config: Any) -> list[Point]:
+  """The sweep's points, in order; a malformed point raises ConfigError naming it."""
+  sweep = config.get("sweep", None)
+  if not sweep:
+    raise config_check.ConfigError(
+        "config.sweep: this config has no sweep; use a preset that defines one, e.g. "
+        "configs/shakespeare.py:ablate_smoke.")
+  out, names = [], set()
+  for i, p in enumerate(sweep):
+    where = f"config.sweep[{i}]"
+    if not isinstance(p, dict) or not {"name", "phase"} <= set(p):
+      raise config_check.ConfigError(f"{where}: write {{'name': ..., 'group': ..., 'phase': ..."
+                                     ", 'overrides': {{...}}}}.")
+    if p["phase"] not in PHASES:
+      raise config_check.ConfigError(f"{where}.phase: {p['phase']!r}; use one of {PHASES}.")
+    if p["name"] in names or not re.fullmatch(r"[\w.+-]+", p["name"]):
+      raise config_check.ConfigError(f"{where}.name: {p['name']!r} must be unique and use only "
+                                     "letters, digits, '_', '.', '+', '-'.")
+    names.add(p["name"])
+    overrides = tuple(sorted(dict(p.get("overrides", {})).items()))
+    out.append(Point(p["name"], p.get("group", ""), p["phase"], overrides))
+  return out
+
+
+def _set(config: Any, dotted: str, value: Any) -> None:
+  *path, leaf = dotted.split(".")
+  node = config
+  for key in path:
+    node = node[key]
+  if leaf not in node:
+    raise KeyError(f"no field {dotted}")
+  node[leaf] = value  # ConfigDict refuses a value of another type
+
+
+def point_config(config: Any, point: Point, teacher_dir: str) -> Any:
+  """The base config with the point's overrides, running its phase from the shared teacher.
+
+  A deep copy keeps the config's field references, so an override of, say, data.vocab_size
+  reaches every field that refers to it, as a --config.data.vocab_size flag would.
+  """
+  c = copy.deepcopy(config)
+  for dotted, value in point.overrides:
+    try:
+      _set(c, dotted, value)
+    except (KeyError, TypeError, ValueError) as e:
+      raise config_check.ConfigError(
+          f"config.sweep point {point.name!r}: cannot set {dotted}={value!r} ({e}); override "
+          "an existing field with a value of its type.") from None
+  c.sweep = []
+  c.mode = {"distilled": "distill", "scratch": "scratch"}[point.phase]
+  if not c.get("teacher_checkpoint") and not c.get("teacher_hf"):
+    c.teacher_checkpoint = teacher_dir
+  return c
+
+
+def run_key(base: Any, point: Point) -> str:
+  """The run directory's name: the phase and the overrides that change the base config."""
+  flat = config_check.flatten(base)
+  changed = [(k, v) for k, v in point.overrides if flat.get(k) != v]
+  if not changed:
+    return f"{point.phase}-base"
+  text = "_".join(f"{k.split('.')[-1]}{v}" for k, v in changed)
+  slug = re.sub(r"[^\w.+-]", "", text)[:60]
+  digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+  return f"{point.phase}-{slug}-{digest}"
+
+
+class Runner:
+  """Runs points of one sweep in one process; data and the teacher are loaded once each."""
+
+  def __init__(self, config: Any, workdir: str):
+    self.config, self.workdir = config, os.path.abspath(workdir)
+    self.points = points(config)
+    self.teacher_dir = config.get("teacher_checkpoint") or os.path.join(
+        self.workdir, "teacher", "checkpoints")
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = sharding.rules_from_config(config)
+    self._data, self._teacher = {}, None
+
+  def check(self) -> None:
+    """Every point's config passes config_check: before the teacher or any point runs."""
+    for p in self.points:
+      config_check.check_config(point_config(self.config, p, self.teacher_dir),
+                                jax.device_count(), jax.process_count())
+
+  def train_teacher(self) -> None:
+    if self.config.get("teacher_checkpoint") or self.config.get("teacher_hf"):
+      return
+    c = copy.deepcopy(self.config)
+    c.sweep, c.mode = [], "teacher"
+    experiment.run(c, self.workdir)
+
+  def point_dir(self, point: Point) -> str:
+    return os.path.join(self.workdir, "points", run_key(self.config, point))
+
+  def result(self, point: Point) -> dict[str, Any] | None:
+    path = os.path.join(self.point_dir(point), "result.json")
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def _data_for(self, config: Any) -> experiment.Data:
+    key = json.dumps(config.data.to_dict(), sort_keys=True)
+    if key not in self._data:
+      self._data[key] = experiment.prepare_data(config)
+    return self._data[key]
+
+  def run_point(self, point: Point) -> dict[str, Any]:
+    """Trains the point's phase (resuming it) and evaluates it; writes result.json."""
+    done = self.result(point)
+    if done is not None:
+      return done
+    c = point_config(self.config, point, self.teacher_dir)
+    directory = self.point_dir(point)
+    start = time.time()
+    phases = experiment.phases_to_run(c)
+    experiment.check_resumable(c, directory, phases)
+    experiment.check_teacher_checkpoint(c, directory, phases)
+    experiment.check_teacher_sources(c, directory, phases)
+    os.makedirs(directory, exist_ok=True)
+    data = self._data_for(c)
+    (phase,) = phases
+    trained = experiment.run_phase(c, directory, phase, data, self.mesh, self.rules)
+    if self._teacher is None:
+      self._teacher = experiment.load_teacher(c, directory, self.mesh, self.rules)
+    teacher = self._teacher
+    s_cfg = ModelConfig.from_dict(c.student)
+    metrics = evaluate.evaluate(s_cfg, trained.params, teacher.cfg, teacher.params,
+                                data.eval_batches,
+                                evaluate.Placement(self.mesh, self.rules, teacher.rules))
+    row = {k: metrics[k] for k in COLUMNS if k in metrics}
+    row.update(params=sum(x.size for x in jax.tree.leaves(trained.params)),
+               train_tokens=int(c.student_train.steps) * data.tokens_per_step,
+               seconds=round(time.time() - start, 1))
+    if jax.process_index() == 0:
+      _write_json(os.path.join(directory, "result.json"), row)
+    return row
+
+  def rows(self) -> list[dict[str, Any]]:
+    """One row per finished point, in sweep order."""
+    out = []
+    for p in self.points:
+      r = self.result(p)
+      if r is not None:
+        out.append({**r, "name": p.name, "group": p.group, "phase": p.phase,
+                    "overrides": json.dumps(p.overrides_dict, sort_keys=True),
+                    "run": run_key(self.config, p)})
+    return out
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def _write_text(path: str, text: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def _cell(value: Any) -> str:
+  return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+def results_csv(rows: list[dict[str, Any]]) -> str:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(COLUMNS)
+  for r in rows:
+    writer.writerow([_cell(r.get(k, "")) for k in COLUMNS])
+  return buffer.getvalue()
+
+
+def results_markdown(rows: list[dict[str, Any]]) -> str:
+  """A table per group: the point, its phase, and its held-out metrics."""
+  lines = []
+  for group in dict.fromkeys(r["group"] for r in rows):
+    lines += [f"### {group or 'points'}", "",
+              "| point | phase | params | train tokens | ppl | top-1 agr. | top-5 agr. | KL | ECE |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["group"] == group):
+      lines.append(f"| {r['name']} | {r['phase']} | {r['params']:,} | {r['train_tokens']:,} | "
+                   f"{r['ppl']:.2f} | {r['top1_agreement']:.4f} | {r['top5_agreement']:.4f} | "
+                   f"{r['kl_to_teacher']:.4f} | {r['ece']:.4f} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def write_results(workdir: str, rows: list[dict[str, Any]]) -> dict[str, str]:
+  """results.csv, results.md and timings.csv in the workdir (process 0; atomic)."""
+  paths = {name: os.path.join(workdir, name)
+           for name in ("results.csv", "results.md", "timings.csv")}
+  if jax.process_index() != 0:
+    return paths
+  _write_text(paths["results.csv"], results_csv(rows))
+  _write_text(paths["results.md"], results_markdown(rows))
+  _write_text(paths["timings.csv"], "name,run,seconds\n" + "".join(
+      f"{r['name']},{r['run']},{r.get('seconds', '')}\n" for r in rows))
+  return paths
+
+
+def report(runner: Runner) -> list[str]:
+  """Writes results.csv, results.md, timings.csv and plots/*.png of the finished points;
+  returns their paths."""
+  rows = runner.rows()
+  paths = write_results(runner.workdir, rows)
+  plot_dir = os.path.join(runner.workdir, "plots")
+  os.makedirs(plot_dir, exist_ok=True)
+  with open(paths["results.csv"]) as f:  # the plots read what the table says
+    table = list(csv.DictReader(f))
+  written = plots.sweep_plots(table, plot_dir)
+  for group in dict.fromkeys(r["group"] for r in rows):
+    curves = {r["name"]: os.path.join(runner.workdir, "points", r["run"], r["phase"],
+                                      "metrics.jsonl") for r in rows if r["group"] == group}
+    written.append(plots.training_curves(
+        curves, os.path.join(plot_dir, f"curves_{group or 'points'}.png"),
+        title=f"student training loss: {group}"))
+  teacher_metrics = os.path.join(runner.workdir, "teacher", "metrics.jsonl")
+  if os.path.exists(teacher_metrics):
+    written.append(plots.training_curves({"teacher": teacher_metrics},
+                                         os.path.join(plot_dir, "curves_teacher.png"),
+                                         title="teacher training loss"))
+  return list(paths.values()) + written
+
+
+def log(message: str) -> None:
+  print(f"ablate: {message}", file=sys.stderr, flush=True)
