@@ -2,9 +2,10 @@
 
 Shape letters: B batch, L length, P prompt tokens, N new tokens, T = P + N.
 
-With probability lambda = config.distill.on_policy_fraction, drawn afresh for every batch (every
-micro-batch with gradient accumulation) from the train state's key, the step replaces the batch
-by the student's own continuations of prompts cut from it, and the loss on those continuations is
+With probability lambda = config.distill.on_policy_fraction, drawn afresh for every step from the
+train state's key (one coin for all micro-batches of a step, so gradient accumulation does not
+change lambda), the step replaces the batch by the student's own continuations of prompts cut
+from it, and the loss on those continuations is
 the generalized JSD (config.distill.beta) between teacher and student at the distillation
 temperature; there is no cross-entropy term there, as there is no ground truth to predict. With
 the other probability the step is the ordinary distillation step on the batch, whatever its loss.
@@ -14,9 +15,14 @@ cache (sample.decode) under the same shardings, and the teacher scores the sampl
 forward pass as it scores data. The samples are integers drawn from params under stop_gradient:
 no gradient flows through the sampling, as in GKD.
 
-An on-policy batch keeps the data batch's shape [B, L]: row b is the first P tokens of the data
-row b (one segment, positions from 0), then N sampled tokens, then padding (segment 0) to L + 1
-tokens; the loss counts the N predictions of sampled tokens only (mask 1 at targets P .. T - 1).
+An on-policy batch keeps the data batch's shape [B, L]. Row b's prompt is the first P tokens of
+the data row b, cut to the document that holds its last token (a packed row may start with the
+end of another document; that part becomes padding, so neither model sees a context it was never
+trained on). Then come N sampled tokens, then padding (segment 0) to L + 1 tokens. The loss
+counts the predictions of sampled tokens (targets P .. T - 1) up to and including the first
+sampled EOS: text after a document's end is not the student's continuation of it. The student
+samples only ids below `vocab_size` (the tokenizer's ids that both models share), never padding
+rows of its vocabulary, which the teacher could not score.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class OnPolicy:
   prompt_tokens: int  # P, cut from the start of each data row
   new_tokens: int = 0  # N; 0 = fill the row: N = L + 1 - P
   temperature: float = 1.0  # the student's sampling temperature (GKD samples at 1)
+  vocab_size: int = 0  # ids the student may sample; 0 = the smaller of the two models' vocabs
+  eos_id: int = -1  # the tokenizer's EOS: predictions after a sampled one are not scored
 
   def lengths(self, seq_len: int) -> tuple[int, int]:
     """(P, N) for rows of `seq_len` tokens."""
@@ -48,6 +56,14 @@ class OnPolicy:
                        f"{self.new_tokens} do not fit rows of {seq_len} tokens: need "
                        f"1 <= P <= {seq_len} and 1 <= N <= {seq_len} + 1 - P.")
     return self.prompt_tokens, n
+
+
+def prompt_lengths(segment_ids_BxL: jax.Array, prompt_tokens: int) -> jax.Array:
+  """Per row, how many of the first P tokens belong to the document of the P-th (at least 1)."""
+  seg_BxP = segment_ids_BxL[:, :prompt_tokens]
+  same_BxP = seg_BxP == seg_BxP[:, -1:]
+  # Segments are contiguous: the last document's tokens are a suffix of the window.
+  return jnp.maximum(jnp.sum(same_BxP, axis=1), 1).astype(jnp.int32)
 
 
 def coin(key: jax.Array, fraction: float | jax.Array) -> jax.Array:
@@ -61,17 +77,25 @@ def student_batch(s_cfg: ModelConfig, params: Any, batch: Batch, key: jax.Array,
   inputs_BxL = batch["inputs"]
   b, l = inputs_BxL.shape
   p, n = settings.lengths(l)
-  prompt_BxP = inputs_BxL[:, :p]
+  lengths_B = prompt_lengths(batch["segment_ids"], p)
   with sharding.activation_rules(rules):
-    tokens_BxT = sample.decode(jax.lax.stop_gradient(params), prompt_BxP,
-                               jnp.full((b,), p, jnp.int32), key, cfg=s_cfg, max_new_tokens=n,
-                               temperature=settings.temperature)
+    tokens_BxT = sample.decode(jax.lax.stop_gradient(params), inputs_BxL[:, :p], lengths_B, key,
+                               cfg=s_cfg, max_new_tokens=n, temperature=settings.temperature,
+                               vocab_limit=settings.vocab_size)
   t = p + n
   tokens_BxL1 = jnp.pad(tokens_BxT, ((0, 0), (0, l + 1 - t)))
   index_L = jnp.arange(l)
-  real_BxL = jnp.broadcast_to(index_L < t - 1, (b, l))  # inputs 0 .. T - 2 predict 1 .. T - 1
+  start_Bx1 = (p - lengths_B)[:, None]  # the prompt's first real column
+  # Inputs start_b .. T - 2 are real and predict start_b + 1 .. T - 1.
+  real_BxL = (index_L[None, :] >= start_Bx1) & (index_L < t - 1)[None, :]
+  targets_BxL = tokens_BxL1[:, 1:]
+  scored_BxL = real_BxL & (index_L >= p - 1)[None, :]
+  if settings.eos_id >= 0:  # keep the first sampled EOS, drop what follows it
+    eos_BxL = scored_BxL & (targets_BxL == settings.eos_id)
+    scored_BxL &= (jnp.cumsum(eos_BxL, axis=1) - eos_BxL) == 0
   return {"inputs": tokens_BxL1[:, :l].astype(inputs_BxL.dtype),
-          "targets": tokens_BxL1[:, 1:].astype(batch["targets"].dtype),
+          "targets": targets_BxL.astype(batch["targets"].dtype),
           "segment_ids": real_BxL.astype(batch["segment_ids"].dtype),
-          "positions": jnp.broadcast_to(index_L, (b, l)).astype(batch["positions"].dtype),
-          "mask": (real_BxL & (index_L >= p - 1)[None, :]).astype(batch["mask"].dtype)}
+          "positions": jnp.maximum(index_L[None, :] - start_Bx1, 0).astype(
+              batch["positions"].dtype),
+          "mask": scored_BxL.astype(batch["mask"].dtype)}

@@ -125,11 +125,14 @@ def _next_token(logits_BxV, key, temperature: float, top_k: int | None,
 
 def decode(params, prompt_BxP: jax.Array, prompt_lengths_B: jax.Array, key: jax.Array, *,
            cfg: ModelConfig, max_new_tokens: int, temperature: float = 0.0,
-           top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+           top_k: int | None = None, top_p: float | None = None,
+           vocab_limit: int = 0) -> jax.Array:
   """The traceable core of `generate` (no jit, no placement): tokens_Bx(P+N).
 
   The training step calls it to let the student sample its own continuations (kdjax.gkd); the
-  output keeps whatever sharding the compiler propagates from the prompts.
+  output keeps whatever sharding the compiler propagates from the prompts. `vocab_limit` > 0
+  samples only ids below it (a model's padding rows past the tokenizer, or past the vocabulary
+  it shares with another model, are never drawn).
   """
   if max_new_tokens == 0:
     return prompt_BxP
@@ -152,7 +155,8 @@ def decode(params, prompt_BxP: jax.Array, prompt_lengths_B: jax.Array, key: jax.
     position_Bx1 = (cache.index - p + prompt_lengths_B)[:, None].astype(jnp.int32)
     logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None],
                                       jnp.ones((b, 1), jnp.int32), position_Bx1, cache=cache)
-    next_B = pick(logits_Bx1xV[:, 0], key)
+    logits_BxV = logits_Bx1xV[:, 0, :vocab_limit] if vocab_limit else logits_Bx1xV[:, 0]
+    next_B = pick(logits_BxV, key)
     return (next_B, cache), next_B
 
   keys_N = jax.random.split(key, max_new_tokens)

@@ -258,8 +258,8 @@ def make_student_loss(s_cfg: ModelConfig, distill: DistillSettings | None = None
   With a teacher cache (`distill.cache_estimator`) t_out is None and the batch carries the
   cached teacher (cache_losses). `aux_params` holds the feature projection when widths differ;
   `step` (state.step, traced) drives the schedules of alpha, temperature and feature weight.
-  `on_policy` (static): the batch is the student's own samples (kdjax.gkd), and the loss is the
-  generalized JSD (distill.beta) alone, with no cross-entropy.
+  `on_policy` (static): the batch is the student's own samples (kdjax.gkd), and the soft loss is
+  the generalized JSD (distill.beta), with no cross-entropy (feature terms, if on, still apply).
   """
   s_model = Transformer(s_cfg)
 
@@ -341,9 +341,9 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
   distill=). Scheduled settings are logged as metrics 'alpha', 'temperature', 'feature_weight'.
 
   With a teacher cache (`distill.cache_estimator`) there is no teacher: t_cfg must be None, and
-  every batch carries its cached t_* arrays. With `distill.on_policy` (kdjax.gkd) each
-  (micro-)batch is, with probability lambda, replaced by the student's own samples, drawn with a
-  key derived from state.rng; the metric 'on_policy' is the share of such batches.
+  every batch carries its cached t_* arrays. With `distill.on_policy` (kdjax.gkd) each step's
+  batch (all its micro-batches) is, with probability lambda, replaced by the student's own
+  samples, drawn with keys derived from state.rng; the metric 'on_policy' is 1 on such steps.
   """
   if t_cfg is not None and distill is None:
     raise ValueError("make_train_step: a teacher needs DistillSettings.")
@@ -353,6 +353,9 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
   on_policy = distill.on_policy if distill is not None else None
   if on_policy is not None and (t_cfg is None or cached):
     raise ValueError("make_train_step: on-policy distillation needs a live teacher (t_cfg).")
+  if on_policy is not None and not on_policy.vocab_size:  # ids both models can score
+    on_policy = dataclasses.replace(on_policy,
+                                    vocab_size=min(s_cfg.vocab_size, t_cfg.vocab_size))
   chunked = distill is not None and distill.loss_chunk_size > 0
   plan = features.make_plan(distill, s_cfg, t_cfg)
   teacher_forward = (make_teacher_forward(t_cfg, t_rules, final_hidden=chunked, plan=plan)
@@ -373,10 +376,9 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
     (_, metrics), grads = grad_fn(trainable, batch, t_out, step, is_on_policy)
     return grads, metrics
 
-  def micro_step(trainable, teacher_params, batch: Batch, step, key):
+  def micro_step(trainable, teacher_params, batch: Batch, step, is_on_policy, sample_key):
     if on_policy is None:
       return grads_on(trainable, teacher_params, batch, step)
-    coin_key, sample_key = jax.random.split(key)
 
     def student_samples():
       params = trainable[0] if with_aux else trainable
@@ -388,35 +390,41 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
       grads, metrics = grads_on(trainable, teacher_params, batch, step)
       return grads, dict(metrics, on_policy=jnp.zeros((), jnp.float32))
 
-    return jax.lax.cond(gkd.coin(coin_key, on_policy.fraction), student_samples, data)
+    return jax.lax.cond(is_on_policy, student_samples, data)
 
   def train_step(state: TrainState, teacher_params, batch: Batch):
     if with_aux and state.aux_params is None:
       raise ValueError("train_step: feature distillation between widths needs the projection; "
                        "build the state with create_train_state(..., t_cfg=, distill=).")
     trainable = _trainable(state.params, state.aux_params if with_aux else None)
-    # The sibling of the next state's key (new_rng below): on-policy coins and samples.
-    key = jax.random.split(jax.random.wrap_key_data(state.rng))[1]
+    # The sibling of the next state's key (new_rng below): the on-policy coin, one per step (so
+    # accumulation does not change lambda), and the samples, their own per micro-batch.
+    coin_key, sample_key = jax.random.split(jax.random.split(
+        jax.random.wrap_key_data(state.rng))[1])
+    is_on_policy = (gkd.coin(coin_key, on_policy.fraction) if on_policy is not None
+                    else jnp.zeros((), bool))
     if grad_accum_steps == 1:
-      grads, metrics = micro_step(trainable, teacher_params, batch, state.step, key)
+      grads, metrics = micro_step(trainable, teacher_params, batch, state.step, is_on_policy,
+                                  sample_key)
     else:
       # Strided split (rows i, i + A, ...): with the batch sharded over devices, every device
       # holds a slice of every micro-batch, so no device idles while others work.
       micro = jax.tree.map(
           lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
                               *x.shape[1:]).swapaxes(0, 1), batch)
-      # Token sums, divided by the token count at the end: an on-policy micro-batch (kdjax.gkd)
-      # has its own number of scored tokens, so the data batch's count cannot be the divisor.
+      # Token sums, divided by the token count at the end: an on-policy step (kdjax.gkd) scores
+      # its own number of tokens, so the data batch's count cannot be the divisor.
       def body(acc, mb_i):
         mb, i = mb_i
-        grads, metrics = micro_step(trainable, teacher_params, mb, state.step,
-                                    jax.random.fold_in(key, i))
+        grads, metrics = micro_step(trainable, teacher_params, mb, state.step, is_on_policy,
+                                    jax.random.fold_in(sample_key, i))
         n = metrics["num_tokens"]
         sums = jax.tree.map(lambda a, x: a + n * x, acc[0], (grads, metrics))
         return (sums, acc[1] + n), None
 
       zeros = jax.eval_shape(micro_step, trainable, teacher_params,
-                             jax.tree.map(lambda x: x[0], micro), state.step, key)
+                             jax.tree.map(lambda x: x[0], micro), state.step, is_on_policy,
+                             sample_key)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
       ((grads, metrics), n_total), _ = jax.lax.scan(
           body, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(grad_accum_steps)))

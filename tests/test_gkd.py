@@ -102,11 +102,11 @@ def test_lambda_zero_equals_ordinary_distillation(setup):
   assert settings.on_policy is None
 
 
-def _oracle_batch(state, batch, key, new_tokens):
+def _oracle_batch(state, batch, sample_key, new_tokens):
   """The on-policy batch by hand: the student's samples (sample.generate with the step's key)
-  laid out in numpy as the module doc says."""
+  laid out in numpy as the module doc says (these prompts lie within one document)."""
   b = batch["inputs"].shape[0]
-  _, sample_key = jax.random.split(key)
+  assert np.all(batch["segment_ids"][:, :P] == batch["segment_ids"][:, :1])
   prompt = np.asarray(batch["inputs"][:, :P])
   tokens = np.asarray(sample.generate(S_CFG, state.params, prompt, max_new_tokens=new_tokens,
                                       temperature=1.0, rng=sample_key,
@@ -135,11 +135,12 @@ def _oracle_step(setup, state, batch, new_tokens, accum=1):
   """One GKD update by hand: (loss, grad norm, params after) when every micro-batch (rows
   j, j + A, ...) is on-policy; each has as many scored tokens, so their mean is the update."""
   _, t_params, tx, _ = setup
-  key = jax.random.split(jax.random.wrap_key_data(state.rng))[1]
+  # One coin per step, samples per micro-batch: (coin, samples) = split(sibling of next key).
+  _, sample_key = jax.random.split(jax.random.split(jax.random.wrap_key_data(state.rng))[1])
   parts = []
   for j in range(accum):
     micro = {k: v[j::accum] for k, v in batch.items()}
-    micro_key = key if accum == 1 else jax.random.fold_in(key, j)
+    micro_key = sample_key if accum == 1 else jax.random.fold_in(sample_key, j)
     parts.append(_jsd_and_grad(state.params, t_params,
                                *_oracle_batch(state, micro, micro_key, new_tokens)))
   loss = np.mean([l for l, _ in parts])
@@ -148,8 +149,8 @@ def _oracle_step(setup, state, batch, new_tokens, accum=1):
   return loss, optax.global_norm(grads), optax.apply_updates(state.params, updates)
 
 
-@pytest.mark.parametrize("new_tokens", [N, 0])  # 0: the samples fill the row (N = L + 1 - P)
-def test_lambda_one_is_the_generalized_jsd_on_the_students_own_samples(setup, new_tokens):
+def test_lambda_one_is_the_generalized_jsd_on_the_students_own_samples(setup):
+  new_tokens = 0  # the samples fill the row: N = L + 1 - P (the test below has N < that)
   states, metrics = _run(setup, _on_policy(1.0, new_tokens), 2)
   n = new_tokens or L + 1 - P
   for i, m in enumerate(metrics):
@@ -161,52 +162,80 @@ def test_lambda_one_is_the_generalized_jsd_on_the_students_own_samples(setup, ne
     _close(states[i + 1].params, params, rtol=2e-4, atol=2e-6)
 
 
-def test_each_batch_is_one_or_the_other_with_probability_lambda(setup):
-  """A mixed run's steps are each exactly the ordinary step or exactly the on-policy one, as
-  the step's coin says; and the coin lands on-policy with probability lambda."""
-  states, metrics = _run(setup, _on_policy(0.5), 6)
+def test_gradient_accumulation_keeps_lambda_one_coin_per_step(setup):
+  """Each step is exactly the ordinary step or exactly the on-policy one, as its coin says. With
+  A micro-batches a step is on-policy as a whole (one coin), so accumulation cannot change
+  lambda; each micro-batch draws its own samples (key folded with its index), and the
+  update is the micro-batches' token-weighted mean: the hand-built GKD step on on-policy steps,
+  the ordinary accumulated step on the others."""
+  states, metrics = _run(setup, _on_policy(0.5), 4, accum=2)
   kinds = [float(m["on_policy"]) for m in metrics]
-  assert set(kinds) == {0.0, 1.0}, kinds  # both kinds occur in these 6 steps (seeded)
-  plain = _step(setup, DISTILL)
+  assert set(kinds) == {0.0, 1.0}, kinds
+  plain = _step(setup, DISTILL, accum=2)
   for i, m in enumerate(metrics):
-    if m["on_policy"]:
-      loss = _oracle_step(setup, states[i], _batch(i), N)[0]
+    if kinds[i]:
+      assert m["num_tokens"] == B * N
+      loss, grad_norm, params = _oracle_step(setup, states[i], _batch(i), N, accum=2)
+      np.testing.assert_allclose(m["grad_norm"], grad_norm, rtol=2e-4)
+      _close(states[i + 1].params, params, rtol=2e-4, atol=2e-6)
     else:
       loss = plain(states[i], setup[1], _batch(i))[1]["loss"]
     np.testing.assert_allclose(m["loss"], loss, rtol=2e-5, err_msg=f"step {i}")
+  # And the coin lands on-policy with probability lambda.
   keys = jax.random.split(jax.random.key(0), 20_000)
   for fraction in (0.1, 0.5):
     share = float(jnp.mean(jax.vmap(lambda k: gkd.coin(k, fraction))(keys)))
     assert abs(share - fraction) < 0.015  # > 4 binomial standard deviations
 
 
-def test_gradient_accumulation_of_on_policy_micro_batches(setup):
-  """Each micro-batch draws its own samples (key folded with its index); the update is the
-  token-weighted mean of the micro-batches' gradients."""
-  states, metrics = _run(setup, _on_policy(1.0), 1, accum=2)
-  assert metrics[0]["on_policy"] == 1.0 and metrics[0]["num_tokens"] == B * N
-  loss, grad_norm, params = _oracle_step(setup, states[0], _batch(0), N, accum=2)
-  np.testing.assert_allclose(metrics[0]["loss"], loss, rtol=2e-5)
-  np.testing.assert_allclose(metrics[0]["grad_norm"], grad_norm, rtol=2e-4)
-  _close(states[1].params, params, rtol=2e-4, atol=2e-6)
+_layout = jax.jit(gkd.student_batch, static_argnums=(0, 4))
 
 
 def test_student_batch_layout():
-  batch = {k: jnp.asarray(v) for k, v in _batch(3).items()}
-  params = Transformer(S_CFG).init(jax.random.key(0), batch["inputs"])["params"]
-  out = jax.jit(lambda p, b: gkd.student_batch(S_CFG, p, b, jax.random.key(1), gkd.OnPolicy(
-      1.0, prompt_tokens=P, new_tokens=3)))(params, batch)
+  """Prompts are cut to the document of their last token; samples are real tokenizer ids; the
+  loss stops after the first sampled EOS."""
+  batch = {k: jnp.asarray(v) for k, v in _batch(3).items()}  # row 1: a document starts at 6
+  big = dataclasses.replace(S_CFG, vocab_size=V + 16)  # padding rows past the shared V ids
+  params = jax.jit(Transformer(big).init)(jax.random.key(0), batch["inputs"])["params"]
+  p, n, key = 8, 3, jax.random.key(1)
+  out = _layout(big, params, batch, key, gkd.OnPolicy(1.0, prompt_tokens=p, new_tokens=n,
+                                                      vocab_size=V))
   assert {k: v.shape for k, v in out.items()} == {k: (B, L) for k in batch}
-  t = P + 3
-  np.testing.assert_array_equal(out["inputs"][:, :P], batch["inputs"][:, :P])
+  out = {k: np.asarray(v) for k, v in out.items()}
+  t = p + n
+  np.testing.assert_array_equal(out["inputs"][:, :p], np.asarray(batch["inputs"])[:, :p])
   np.testing.assert_array_equal(out["inputs"][:, 1:t], out["targets"][:, :t - 1])
-  assert np.all(np.asarray(out["segment_ids"])[:, :t - 1] == 1)
-  assert np.all(np.asarray(out["segment_ids"])[:, t - 1:] == 0)
-  assert np.all(np.asarray(out["mask"]).sum(axis=1) == 3)
-  np.testing.assert_array_equal(np.asarray(out["mask"])[0], (np.arange(L) >= P - 1)
-                                & (np.arange(L) < t - 1))
+  assert out["inputs"].max() < V  # never a padding row of the student's vocabulary
+  lengths = np.array([p, 2, p, p])  # row 1's prompt keeps only the document starting at 6
+  for r in range(B):
+    start = p - lengths[r]
+    np.testing.assert_array_equal(out["segment_ids"][r], (np.arange(L) >= start)
+                                  & (np.arange(L) < t - 1))
+    assert out["positions"][r, start] == 0 and out["positions"][r, t - 2] == t - 2 - start
+    np.testing.assert_array_equal(out["mask"][r], (np.arange(L) >= p - 1) & (np.arange(L) < t - 1))
+  # An EOS sampled at row 0's second new token: row 0 scores up to it, nothing after.
+  eos = int(out["targets"][0, p])
+  with_eos = {k: np.asarray(v) for k, v in _layout(
+      big, params, batch, key, gkd.OnPolicy(1.0, prompt_tokens=p, new_tokens=n, vocab_size=V,
+                                            eos_id=eos)).items()}
+  np.testing.assert_array_equal(with_eos["inputs"], out["inputs"])  # EOS does not change samples
+  first = p - 1 + int(np.argmax(out["targets"][0, p - 1:t - 1] == eos))
+  np.testing.assert_array_equal(with_eos["mask"][0], (np.arange(L) >= p - 1)
+                                & (np.arange(L) <= first))
   with pytest.raises(ValueError, match="do not fit"):
     gkd.OnPolicy(1.0, prompt_tokens=P, new_tokens=L).lengths(L)
+
+
+def test_a_student_with_padding_rows_samples_only_ids_the_teacher_scores(setup):
+  """Student vocab V + 16, teacher V: the on-policy step stays finite (an id past the teacher's
+  vocabulary would make its logits NaN and the step would be skipped)."""
+  mesh, t_params, tx, schedule = setup
+  big = dataclasses.replace(S_CFG, vocab_size=V + 16)
+  state, _ = train.create_train_state(big, tx, 0, mesh, sharding.DEFAULT_RULES)
+  step = jax.jit(train.make_train_step(big, tx, schedule, t_cfg=T_CFG, distill=_on_policy(1.0)))
+  for i in range(2):
+    state, m = step(state, t_params, _batch(i))
+    assert m["on_policy"] == 1.0 and np.isfinite(m["loss"]) and m["skipped_steps"] == 0
 
 
 # ------------------------------------------ config checks of on-policy, cache and sequence fields
@@ -258,6 +287,24 @@ def test_missing_cache_or_sequence_data_is_refused_before_any_work(tmp_path):
     assert str(e.value).startswith(f"config.distill.{field}:") and "\n" not in str(e.value)
     experiment.check_teacher_sources(config, str(tmp_path / "w"), ("scratch",))  # not read
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_teacher_text_of_another_teacher_is_refused(tmp_path):
+  from configs import shakespeare
+  from kdjax import config_check, experiment, teacher_cache
+  from kdjax.data import teacher_text
+  config = shakespeare.get_config("smoke")
+  config.teacher_checkpoint = str(tmp_path / "teacher")
+  mine = teacher_cache.teacher_fingerprint(config, str(tmp_path / "w"))
+  for name, fingerprint in (("ours", mine), ("theirs", dict(mine, hash="another teacher"))):
+    teacher_text.write_dataset(str(tmp_path / name), {"train": ["a b", "c"]},
+                               metadata={"teacher": fingerprint})
+  config.distill.sequence_data = str(tmp_path / "ours")
+  experiment.check_teacher_sources(config, str(tmp_path / "w"), ("distilled",))
+  config.distill.sequence_data = str(tmp_path / "theirs")
+  with pytest.raises(config_check.ConfigError, match="^config.distill.sequence_data: .*another "
+                     "teacher"):
+    experiment.check_teacher_sources(config, str(tmp_path / "w"), ("distilled",))
 
 
 def test_runs_saved_before_these_fields_still_resume():
