@@ -113,14 +113,20 @@ def _garble_metadata(step_dir):
     f.write("{not json")
 
 
-@pytest.mark.parametrize("damage", [_truncate_params, _drop_train_item, _garble_metadata])
-def test_damaged_latest_checkpoint_falls_back_and_is_kept(mesh, tmp_path, damage, capfd):
-  kwargs = dict(phase="scratch", model_cfg=S_CFG, train_cfg=TC, seed=0, mesh=mesh,
-                rules=sharding.DEFAULT_RULES, tokens_per_step=32, config_dict={}, log_every=1,
-                checkpoint_every=4, keep_checkpoints=5, nonfinite_patience=3, show_progress=False,
-                make_train_iter=lambda: _Batches(bad_from=10**9))
-  whole = loop.run_phase(phase_dir=str(tmp_path / "whole"), **kwargs)
-  partial_dir = tmp_path / "partial"
+def _resume_kwargs(mesh):
+  return dict(phase="scratch", model_cfg=S_CFG, train_cfg=TC, seed=0, mesh=mesh,
+              rules=sharding.DEFAULT_RULES, tokens_per_step=32, config_dict={}, log_every=1,
+              checkpoint_every=4, keep_checkpoints=5, nonfinite_patience=3, show_progress=False,
+              make_train_iter=lambda: _Batches(bad_from=10**9))
+
+
+@pytest.fixture(scope="module")
+def whole_and_stopped(mesh, tmp_path_factory):
+  """An uninterrupted run's result, and the phase dir of a run stopped right after its
+  checkpoint at step 8 (each test below damages its own copy of that dir)."""
+  kwargs = _resume_kwargs(mesh)
+  whole = loop.run_phase(phase_dir=str(tmp_path_factory.mktemp("whole")), **kwargs)
+  partial_dir = tmp_path_factory.mktemp("partial")
   with pytest.raises(KeyboardInterrupt):  # stop right after the checkpoint at step 8
 
     class Stop(_Batches):
@@ -130,11 +136,20 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(mesh, tmp_path, damage
         return super().__next__()
 
     loop.run_phase(phase_dir=str(partial_dir), **dict(kwargs, make_train_iter=lambda: Stop(10**9)))
+  return whole, partial_dir
+
+
+@pytest.mark.parametrize("damage", [_truncate_params, _drop_train_item, _garble_metadata])
+def test_damaged_latest_checkpoint_falls_back_and_is_kept(mesh, tmp_path, damage, capfd,
+                                                          whole_and_stopped):
+  whole, stopped_dir = whole_and_stopped
+  partial_dir = tmp_path / "partial"
+  shutil.copytree(stopped_dir, partial_dir)
   step8 = partial_dir / "checkpoints" / "8"
   damage(str(step8))
   files = sorted(os.path.relpath(p, step8) for p in glob.glob(f"{step8}/**", recursive=True))
   capfd.readouterr()
-  resumed = loop.run_phase(phase_dir=str(partial_dir), **kwargs)
+  resumed = loop.run_phase(phase_dir=str(partial_dir), **_resume_kwargs(mesh))
   err = capfd.readouterr().err
   assert "checkpoint step 8" in err and "corrupt_checkpoints" in err
   assert resumed.trained_steps == TC.steps - 4  # fell back to step 4

@@ -7,6 +7,7 @@ Every weight is randomised (norm scales and biases too, which transformers initi
 real (unpadded) positions of a batch padded on the right and on the left; the tolerance is 1e-4 of the logit scale.
 """
 
+import functools
 import json
 import os
 
@@ -80,12 +81,18 @@ def _hf_logits(model, tokens, mask):
   return out.logits.float().numpy()
 
 
+@functools.lru_cache(maxsize=None)
+def _forward(cfg):
+  """kdjax's forward for `cfg`, jitted once (several tests run the same config)."""
+  return jax.jit(Transformer(cfg).apply)
+
+
 def _kdjax_logits(cfg, params, tokens, mask):
   # Padding is segment 0, so real tokens never attend to it; positions are the column index, as
   # transformers numbers them without a cache, left padding included.
   positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-  return np.asarray(Transformer(cfg).apply({"params": params}, jnp.asarray(tokens),
-                                           jnp.asarray(mask), jnp.asarray(positions)))
+  return np.asarray(_forward(cfg)({"params": params}, jnp.asarray(tokens), jnp.asarray(mask),
+                                  jnp.asarray(positions)))
 
 
 def _assert_close(ours, theirs, mask):
@@ -122,10 +129,9 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, family):
   # the export alone must carry it over.
   cfg = hf.model_config(_hf_model(family).config.to_dict())
   like = hf._abstract_params(cfg)
-  leaves, treedef = jax.tree.flatten(like)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape, jnp.float32)
-                                        for k, x in zip(keys, leaves)])
+  rng = np.random.default_rng(1)  # numpy draws: no compile per parameter shape
+  params = jax.tree.map(
+      lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), jnp.float32), like)
   hf.save_pretrained(str(tmp_path), cfg, params)
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path),
                                                             attn_implementation="eager")

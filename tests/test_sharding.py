@@ -7,8 +7,10 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (the device count is fixed wh
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import ml_collections
@@ -24,17 +26,66 @@ MESHES = ("8x1x1", "2x4x1", "2x2x2", "1x1x8", "2x2x2_chunked")  # the last: fuse
 K = "param/['layers']"
 
 
+class _Worker:
+  """tests/mesh_worker.py in a subprocess, started once per session.
+
+  It takes about a minute of one core and runs alone, so conftest.py starts it as soon as the
+  session's tests are collected (when one of them uses the `worker` fixture): it then runs beside
+  the tests before this module's, on the core they leave idle, and the fixture only waits for it.
+  """
+
+  def __init__(self):
+    self.proc = self.dir = None
+
+  def start(self):
+    if self.proc is not None:
+      return
+    self.dir = tempfile.mkdtemp(prefix="kdjax_mesh_")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    self.log = open(os.path.join(self.dir, "stderr.txt"), "w+")
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "mesh_worker.py"), self.out],
+        env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+
+  @property
+  def out(self):
+    return os.path.join(self.dir, "out.npz")
+
+  def result(self):
+    self.start()
+    try:
+      returncode = self.proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+      self.stop()
+      raise
+    self.log.seek(0)
+    assert returncode == 0, self.log.read()[-3000:]
+    with open(self.out + ".json") as f:
+      layouts = json.load(f)
+    return dict(np.load(self.out)), layouts
+
+  def stop(self):
+    """Kills the worker if it still runs and removes its files."""
+    if self.proc is None:
+      return
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+    self.log.close()
+    shutil.rmtree(self.dir, ignore_errors=True)
+    self.proc = None
+
+
+WORKER = _Worker()
+
+
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("mesh") / "out.npz")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_worker.py"), out],
-                        env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(out + ".json") as f:
-    layouts = json.load(f)
-  return dict(np.load(out)), layouts
+def worker():
+  try:
+    yield WORKER.result()
+  finally:
+    WORKER.stop()
 
 
 def _results(arrays, name):
