@@ -3,9 +3,11 @@
 import csv
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -64,22 +66,68 @@ def get_config(arg=None):
 """
 
 
+def _command(config_path, workdir):
+  return [sys.executable, os.path.join(ROOT, "scripts", "ablate.py"), f"--config={config_path}",
+          f"--workdir={workdir}"]
+
+
 def _ablate(config_path, workdir):
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ablate.py"),
-                        f"--config={config_path}", f"--workdir={workdir}"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+  out = subprocess.run(_command(config_path, workdir), capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return out
 
 
+class _Sweep:
+  """The first run of the small sweep, in a subprocess that conftest.py starts as soon as the
+  tests are collected (like test_sharding's worker): it runs beside the other test files."""
+
+  def __init__(self):
+    self.proc = self.dir = None
+
+  def start(self):
+    if self.proc is not None:
+      return
+    self.dir = pathlib.Path(tempfile.mkdtemp(prefix="kdjax_ablate_"))
+    (self.dir / "small_sweep.py").write_text(_SMALL_SWEEP)
+    self.log = open(self.dir / "stderr.txt", "w+")
+    self.proc = subprocess.Popen(_command(self.dir / "small_sweep.py", self.dir / "sweep"),
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log)
+
+  def result(self):
+    self.start()
+    try:
+      returncode = self.proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+      self.stop()
+      raise
+    self.log.seek(0)
+    assert returncode == 0, self.log.read()[-3000:]
+    return self.dir / "small_sweep.py", self.dir / "sweep"
+
+  def stop(self):
+    if self.proc is None:
+      return
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+    self.log.close()
+    shutil.rmtree(self.dir, ignore_errors=True)
+    self.proc = None
+
+
+WORKER = _Sweep()
+
+
 @pytest.fixture(scope="module")
-def small_sweep(tmp_path_factory):
-  """(config file, workdir) of four :ablate_smoke points run by the script once per module."""
-  tmp = tmp_path_factory.mktemp("ablate")
-  config_path = tmp / "small_sweep.py"
-  config_path.write_text(_SMALL_SWEEP)
-  _ablate(config_path, tmp / "sweep")
-  return config_path, tmp / "sweep"
+def worker():
+  return WORKER.result()
+
+
+@pytest.fixture(scope="module")
+def small_sweep(worker):
+  """(config file, workdir) of four :ablate_smoke points run by the script once per session."""
+  return worker
 
 
 @pytest.mark.slow
