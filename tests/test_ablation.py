@@ -7,12 +7,13 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
 from configs import shakespeare
 from kdjax import ablation, config_check, plots
+
+from background import Background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,50 +79,21 @@ def _ablate(config_path, workdir):
   return out
 
 
-class _Sweep:
-  """The first run of the small sweep, in a subprocess that conftest.py starts as soon as the
-  tests are collected (like test_sharding's worker): it runs beside the other test files."""
-
-  def __init__(self):
-    self.proc = self.dir = None
-
-  def start(self):
-    if self.proc is not None:
-      return
-    self.dir = pathlib.Path(tempfile.mkdtemp(prefix="kdjax_ablate_"))
-    (self.dir / "small_sweep.py").write_text(_SMALL_SWEEP)
-    self.log = open(self.dir / "stderr.txt", "w+")
-    self.proc = subprocess.Popen(_command(self.dir / "small_sweep.py", self.dir / "sweep"),
-                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log)
-
-  def result(self):
-    self.start()
-    try:
-      returncode = self.proc.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-      self.stop()
-      raise
-    self.log.seek(0)
-    assert returncode == 0, self.log.read()[-3000:]
-    return self.dir / "small_sweep.py", self.dir / "sweep"
-
-  def stop(self):
-    if self.proc is None:
-      return
-    if self.proc.poll() is None:
-      self.proc.kill()
-      self.proc.wait()
-    self.log.close()
-    shutil.rmtree(self.dir, ignore_errors=True)
-    self.proc = None
+def _first_run(directory):
+  config_path = os.path.join(directory, "small_sweep.py")
+  with open(config_path, "w") as f:
+    f.write(_SMALL_SWEEP)
+  return _command(config_path, os.path.join(directory, "sweep")), None
 
 
-WORKER = _Sweep()
+# The small sweep's first run starts in the background at collection (background.py).
+WORKER = Background("kdjax_ablate_", _first_run, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
 def worker():
-  return WORKER.result()
+  directory = pathlib.Path(WORKER.wait())
+  return directory / "small_sweep.py", directory / "sweep"
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (the device count is fixed wh
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 
 import jax
 import ml_collections
@@ -21,69 +18,30 @@ from jax.sharding import PartitionSpec as P
 from kdjax import sharding, train
 from kdjax.model import ModelConfig
 
+from background import Background
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("8x1x1", "2x4x1", "2x2x2", "1x1x8", "2x2x2_chunked")  # the last: fused chunked loss
 K = "param/['layers']"
 
 
-class _Worker:
-  """tests/mesh_worker.py in a subprocess, started once per session.
-
-  It takes about a minute of one core and runs alone, so conftest.py starts it as soon as the
-  session's tests are collected (when one of them uses the `worker` fixture): it then runs beside
-  the tests before this module's, on the core they leave idle, and the fixture only waits for it.
-  """
-
-  def __init__(self):
-    self.proc = self.dir = None
-
-  def start(self):
-    if self.proc is not None:
-      return
-    self.dir = tempfile.mkdtemp(prefix="kdjax_mesh_")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    self.log = open(os.path.join(self.dir, "stderr.txt"), "w+")
-    self.proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "mesh_worker.py"), self.out],
-        env=env, stdout=subprocess.DEVNULL, stderr=self.log)
-
-  @property
-  def out(self):
-    return os.path.join(self.dir, "out.npz")
-
-  def result(self):
-    self.start()
-    try:
-      returncode = self.proc.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-      self.stop()
-      raise
-    self.log.seek(0)
-    assert returncode == 0, self.log.read()[-3000:]
-    with open(self.out + ".json") as f:
-      layouts = json.load(f)
-    return dict(np.load(self.out)), layouts
-
-  def stop(self):
-    """Kills the worker if it still runs and removes its files."""
-    if self.proc is None:
-      return
-    if self.proc.poll() is None:
-      self.proc.kill()
-      self.proc.wait()
-    self.log.close()
-    shutil.rmtree(self.dir, ignore_errors=True)
-    self.proc = None
+def _mesh_worker(directory):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  return [sys.executable, os.path.join(ROOT, "tests", "mesh_worker.py"),
+          os.path.join(directory, "out.npz")], env
 
 
-WORKER = _Worker()
+# tests/mesh_worker.py takes about a minute of one core: it runs in the background (background.py).
+WORKER = Background("kdjax_mesh_", _mesh_worker)
 
 
 @pytest.fixture(scope="module")
 def worker():
   try:
-    yield WORKER.result()
+    out = os.path.join(WORKER.wait(), "out.npz")
+    with open(out + ".json") as f:
+      layouts = json.load(f)
+    yield dict(np.load(out)), layouts
   finally:
     WORKER.stop()
 
