@@ -115,8 +115,12 @@ def test_scheduled_step_equals_the_unscheduled_step_at_that_step():
     out[name] = step(state, t_params, batch)
   (s_new, s_metrics), (f_new, f_metrics) = out["scheduled"], out["fixed"]
   jax.tree.map(np.testing.assert_array_equal, s_new.params, f_new.params)
+  # The update is bitwise equal. A logged metric may not be: XLA is free to reassociate the
+  # reduction that sums the loss terms differently when alpha and T are traced scalars than when
+  # they are folded constants, which moves a float32 sum by an ulp on some CPUs (it does on the
+  # Intel Xeon CI runs on). One ulp is the most such a rewrite of the same values can cost.
   for key in f_metrics:
-    np.testing.assert_array_equal(s_metrics[key], f_metrics[key], err_msg=key)
+    np.testing.assert_array_max_ulp(s_metrics[key], f_metrics[key], maxulp=1)
   assert float(s_metrics["alpha"]) == 0.25 and float(s_metrics["temperature"]) == 2.0
   assert "alpha" not in f_metrics  # only scheduled settings are logged
 
