@@ -178,7 +178,7 @@ class Runner:
     os.makedirs(directory, exist_ok=True)
     data = self._data_for(c)
     (phase,) = phases
-    trained = experiment.run_phase(c, directory, phase, data, self.mesh, self.rules)
+    trained = experiment.run_experiment_phase(c, directory, phase, data, self.mesh, self.rules)
     if self._teacher is None:
       self._teacher = experiment.load_teacher(c, directory, self.mesh, self.rules)
     teacher = self._teacher

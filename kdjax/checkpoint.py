@@ -10,6 +10,7 @@ A checkpoint holds four items, so each can be restored on its own:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -23,9 +24,64 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from kdjax.train import TrainState
+from kdjax.state import TrainState
 
 ITEMS = ("params", "train", "data", "config")
+# Words of tensorstore's and orbax's errors that say the bytes themselves are bad (DATA_LOSS is
+# absl's status for corrupted or truncated data), as opposed to failing to reach them.
+# OUT_OF_RANGE: a read past the end of a file cut short.
+_DAMAGE_WORDS = ("DATA_LOSS", "OUT_OF_RANGE", "corrupt", "truncat", "Unexpected end",
+                 "Error decoding", "Expecting value", "Expecting property name", "Invalid",
+                 "invalid")
+# errno values of a file that is there but cannot be read or written right now.
+_TRANSIENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EIO, errno.EROFS,
+                     errno.EDQUOT, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY,
+                     errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+
+
+class CheckpointUnreadable(RuntimeError):
+  """A checkpoint failed to restore for a reason other than proven damage; nothing was moved."""
+
+
+def _chain(error: BaseException):
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def damage(step_dir: str, error: BaseException) -> str | None:
+  """Why the checkpoint in `step_dir` is damaged, or None if that is not proven.
+
+  Proof is one of: an item directory missing; a JSON metadata file that does not parse; or, with
+  every file present and readable, a restore error that says the bytes are bad. An error that
+  reading the files themselves reproduces (permissions, I/O, a full disk), or a transient errno
+  anywhere in the error's chain, is never called damage.
+  """
+  if any(isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS for e in _chain(error)):
+    return None
+  missing = [item for item in ("params", "train", "data")
+             if not os.path.isdir(os.path.join(step_dir, item))]
+  if missing:
+    return f"item {missing[0]!r} is missing"
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      try:
+        with open(path, "rb") as f:
+          content = f.read()
+      except OSError:
+        return None  # unreadable now: a permission or I/O problem, not proven damage
+      if name.endswith("METADATA") or name.endswith(".json"):
+        try:
+          json.loads(content)
+        except ValueError:
+          return f"{os.path.relpath(path, step_dir)} is not valid JSON"
+  text = " ".join(f"{type(e).__name__}: {e}" for e in _chain(error))
+  if any(word in text for word in _DAMAGE_WORDS) or any(
+      isinstance(e, (EOFError, json.JSONDecodeError)) for e in _chain(error)):
+    return "its data does not decode"
+  return None
+
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -90,19 +146,29 @@ class PhaseCheckpoints:
   def restore_latest_valid(self, state_like: TrainState, shardings: TrainState):
     """(step, state, data_state) of the newest checkpoint that restores, or None if none exist.
 
-    A checkpoint that fails to restore (truncated file, missing item, bad metadata) is moved,
-    whole, to `<phase>/corrupt_checkpoints/<step>` with a warning naming it; it is never deleted,
-    and moving it lets training write that step again.
+    `state_like` may be abstract (state.abstract_train_state): nothing but the restored state is
+    allocated. A checkpoint that fails to restore and is provably damaged (`damage`: an item
+    missing, a file unparsable or cut short) is moved, whole, to
+    `<phase>/corrupt_checkpoints/<step>` with a warning naming it; it is never deleted, and moving
+    it lets training write that step again. Any other failure (a full disk, a permission error, a
+    network filesystem hiccup) raises CheckpointUnreadable and moves nothing.
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         state, data_state = self.restore(step, state_like, shardings)
         return step, state, data_state
       except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        reason = damage(os.path.join(self.directory, str(step)), e)
+        if reason is None:
+          raise CheckpointUnreadable(
+              f"checkpoint step {step} in {self.directory} could not be read ({error}) and is not "
+              "damaged as far as kdjax can tell, so nothing was moved; fix the cause (disk space, "
+              "permissions, the filesystem) and rerun the same command to resume.") from e
         kept = self._quarantine(step)
-        print(f"warning: checkpoint step {step} in {self.directory} does not restore "
-              f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); moved it to {kept} and "
-              "falling back to the previous one.", file=sys.stderr)
+        print(f"warning: checkpoint step {step} in {self.directory} is damaged ({reason}; "
+              f"{error}); moved it to {kept} and falling back to the previous one.",
+              file=sys.stderr)
     return None
 
   def _quarantine(self, step: int) -> str:

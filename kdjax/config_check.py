@@ -13,8 +13,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kdjax import cache_losses, losses, schedules, sharding
+from kdjax import losses, schedules, sharding
 from kdjax.model import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, ModelConfig
+from kdjax.teacher_cache import estimators as cache_estimators
 
 MODES = ("experiment", "teacher", "distill", "scratch", "eval")
 
@@ -230,8 +231,8 @@ def _check_teacher_sources(d: Any, seq_len: int) -> None:
   if not d.get("teacher_cache", ""):
     return
   estimator = d.get("cache_estimator", "topk_residual")
-  _require(estimator in cache_losses.NEEDS, "distill.cache_estimator",
-           f"unknown {estimator!r}; use one of {tuple(cache_losses.NEEDS)}.")
+  _require(estimator in cache_estimators.NEEDS, "distill.cache_estimator",
+           f"unknown {estimator!r}; use one of {tuple(cache_estimators.NEEDS)}.")
   clash = [("loss", d.loss != "forward_kl", "the cache estimators estimate forward_kl"),
            ("loss_chunk_size", d.get("loss_chunk_size", 0) > 0, "it chunks live teacher logits"),
            ("feature_weight", d.get("feature_weight", 0.0) > 0, "hidden states are not cached"),

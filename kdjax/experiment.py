@@ -17,11 +17,12 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from kdjax import (checkpoint, config_check, evaluate, hf, loop, sample, sharding, teacher_cache,
-                   train)
+from kdjax import checkpoint, config_check, evaluate, hf, loop, sample, sharding, teacher_cache
 from kdjax.data import hf_tokenizer, hosts, pipeline, shakespeare, teacher_text
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig
+from kdjax.settings import DistillSettings
+from kdjax.state import abstract_params, param_shardings
 
 PHASES = ("teacher", "distilled", "scratch")
 
@@ -216,8 +217,8 @@ def load_params(cfg: ModelConfig, directory: str, mesh, rules):
   Params are restored straight into their shardings (each device reads its own slice) and in
   `cfg.param_dtype`, cast on read if the checkpoint holds another dtype.
   """
-  shardings = train.param_shardings(cfg, mesh, rules)
-  like = jax.eval_shape(lambda: train.init_params(cfg, jax.random.key(0), mesh, rules))
+  shardings = param_shardings(cfg, mesh, rules)
+  like = abstract_params(cfg)
   params, _ = checkpoint.load_params(directory, like, shardings)
   return params, shardings
 
@@ -237,19 +238,20 @@ def load_teacher(config: Any, workdir: str, mesh, rules) -> loop.Teacher:
   t_cfg, t_rules = frozen_teacher_settings(config, rules)
   if config.get("teacher_hf"):  # read-only, straight into the frozen teacher's shardings
     return loop.Teacher(t_cfg, hf.load_params(config.teacher_hf, t_cfg, mesh, t_rules),
-                        train.param_shardings(t_cfg, mesh, t_rules), rules=t_rules)
+                        param_shardings(t_cfg, mesh, t_rules), rules=t_rules)
   directory = config.teacher_checkpoint or os.path.join(workdir, "teacher", "checkpoints")
   return loop.Teacher(t_cfg, *load_params(t_cfg, directory, mesh, t_rules), rules=t_rules)
 
 
-def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) -> loop.PhaseResult:
+def run_experiment_phase(config: Any, workdir: str, phase: str, data: Data, mesh,
+                         rules) -> loop.PhaseResult:
   """Runs one of PHASES; 'distilled' loads the teacher from its checkpoint (read-only)."""
   common = dict(phase=phase, phase_dir=os.path.join(workdir, phase), mesh=mesh, rules=rules,
                 tokens_per_step=data.tokens_per_step, **_phase_kwargs(config))
   placement = evaluate.Placement(mesh, rules)
   if phase == "teacher":
     t_cfg = ModelConfig.from_dict(config.teacher)
-    return loop.run_phase(model_cfg=t_cfg,
+    return _train(model_cfg=t_cfg,
                           val_loss_fn=lambda p: evaluate.held_out_loss(t_cfg, p, data.val_batches,
                                                                        placement),
                           train_cfg=config.teacher_train, seed=config.seed,
@@ -264,13 +266,17 @@ def run_phase(config: Any, workdir: str, phase: str, data: Data, mesh, rules) ->
                                                               placement))
   if phase == "distilled":
     return _run_distilled(config, workdir, data, student, common)
-  return loop.run_phase(**student, **common)
+  return _train(**student, **common)
+
+
+def _train(**spec) -> loop.PhaseResult:
+  return loop.train_phase(loop.PhaseSpec(**spec))
 
 
 def _run_distilled(config: Any, workdir: str, data: Data, student: dict, common: dict):
   """The distilled student, from the live teacher, its cache, or its continuations."""
   d, mesh, rules = config.distill, common["mesh"], common["rules"]
-  settings = train.DistillSettings.from_config(d)
+  settings = DistillSettings.from_config(d)
   if settings.on_policy is not None:  # the student samples real tokenizer ids only
     tok = data.tokenizer
     shared = min(tok.vocab_size, int(config.teacher.vocab_size), int(config.student.vocab_size))
@@ -284,11 +290,11 @@ def _run_distilled(config: Any, workdir: str, data: Data, student: dict, common:
     cache = teacher_cache.TeacherCache(d.teacher_cache)
     stream = student["make_train_iter"]
     student["make_train_iter"] = lambda: teacher_cache.CachedBatches(stream(), cache)
-    return loop.run_phase(distill=dataclasses.replace(settings, cache_vocab_size=cache.vocab_size),
+    return _train(distill=dataclasses.replace(settings, cache_vocab_size=cache.vocab_size),
                           **student, **common)
   if not settings.uses_teacher:  # e.g. sequence-level with alpha = 0: cross-entropy alone
-    return loop.run_phase(**student, **common)
-  return loop.run_phase(teacher=load_teacher(config, workdir, mesh, rules), distill=settings,
+    return _train(**student, **common)
+  return _train(teacher=load_teacher(config, workdir, mesh, rules), distill=settings,
                         **student, **common)
 
 
@@ -390,7 +396,7 @@ def run(config: Any, workdir: str) -> dict[str, Any] | None:
   data = prepare_data(config)
   params = {}
   for phase in phases:
-    result = run_phase(config, workdir, phase, data, mesh, rules)
+    result = run_experiment_phase(config, workdir, phase, data, mesh, rules)
     if result.trained_steps == 0:
       print(f"{phase}: already complete at step {result.final_step} in {workdir}, skipped",
             file=sys.stderr)

@@ -16,9 +16,11 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from kdjax import checkpoint, sharding, train
+from kdjax import checkpoint, optim, sharding, train
 from kdjax.metric_log import MetricLog
 from kdjax.model import ModelConfig
+from kdjax.settings import DistillSettings
+from kdjax.state import abstract_train_state, create_train_state
 
 
 @dataclasses.dataclass
@@ -92,60 +94,110 @@ class _StopSignals:
       signal.signal(sig, handler)
 
 
-def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: Any,
-              seed: int, mesh, rules, make_train_iter: Callable[[], Iterator], tokens_per_step: int,
-              config_dict: dict, log_every: int, checkpoint_every: int, keep_checkpoints: int,
-              nonfinite_patience: int, teacher: Teacher | None = None,
-              distill: train.DistillSettings | None = None,
-              val_loss_fn: Callable[[Any], float] | None = None,
-              init_params: Callable[[], Any] | None = None,
-              show_progress: bool = True) -> PhaseResult:
-  """Trains `model_cfg` for `train_cfg.steps`, resuming from the phase's latest checkpoint.
+@dataclasses.dataclass(frozen=True)
+class PhaseSpec:
+  """Everything one phase's training needs; `train_phase(spec)` runs it.
+
+  `val_loss_fn(params)`, if given, is evaluated at each checkpoint: it decides which checkpoint is
+  kept as the best and is logged as `val_loss` in that step's metrics row. `init_params()`, if
+  given, replaces the seed's random params at step 0 (e.g. a student pruned from the teacher); it
+  must return them in the state's shardings and dtype.
+  """
+
+  phase: str  # 'teacher', 'distilled', 'scratch' or an ablation point's name
+  phase_dir: str  # metrics.jsonl, tensorboard/ and checkpoints/ live here
+  model_cfg: ModelConfig
+  train_cfg: Any  # steps, learning rate, ... (kdjax.optim reads it)
+  seed: int
+  mesh: Any
+  rules: Any
+  make_train_iter: Callable[[], Iterator]  # endless batches with get_state/set_state
+  tokens_per_step: int
+  config_dict: dict  # the run's config, saved with every checkpoint
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  nonfinite_patience: int
+  teacher: Teacher | None = None
+  distill: DistillSettings | None = None
+  val_loss_fn: Callable[[Any], float] | None = None
+  init_params: Callable[[], Any] | None = None
+  show_progress: bool = True
+
+
+def _restore_or_init(spec: PhaseSpec, tx, distill, ckpts: checkpoint.PhaseCheckpoints):
+  """(start step, state, state shardings, data state or None). A checkpoint is restored into the
+  abstract state, so resuming never holds a fresh state next to the restored one."""
+  t_cfg = spec.teacher.cfg if spec.teacher else None
+  restored = None
+  if ckpts.latest_step() is not None:
+    like, shardings = abstract_train_state(spec.model_cfg, tx, spec.seed, spec.mesh, spec.rules,
+                                           t_cfg=t_cfg, distill=distill)
+    restored = ckpts.restore_latest_valid(like, shardings)
+  if restored is not None:
+    start, state, data_state = restored
+    return start, state, shardings, data_state
+  state, shardings = create_train_state(spec.model_cfg, tx, spec.seed, spec.mesh, spec.rules,
+                                        t_cfg=t_cfg, distill=distill)
+  if spec.init_params is not None:
+    state = state.replace(params=spec.init_params())
+  return 0, state, shardings, None
+
+
+def train_phase(spec: PhaseSpec) -> PhaseResult:
+  """Trains `spec.model_cfg` for `spec.train_cfg.steps`, resuming from the phase's latest
+  checkpoint.
 
   Raises Preempted after checkpointing if SIGTERM/SIGINT arrives, and NonFiniteError after
   `nonfinite_patience` consecutive skipped (non-finite) steps, leaving the last checkpoint intact.
-  `val_loss_fn(params)`, if given, is evaluated at each checkpoint: it decides which checkpoint is
-  kept as the best and is logged as `val_loss` in that step's metrics row.
-  `init_params()`, if given, replaces the seed's random params at step 0 (e.g. a student pruned
-  from the teacher); it must return them in the state's shardings and dtype.
   """
-  tx = train.make_optimizer(train_cfg)
-  schedule = train.make_schedule(train_cfg)
-  if distill is not None:  # loss schedules with steps=0 span the phase
-    distill = distill.resolved(int(train_cfg.steps))
-  # With feature distillation between widths the state also holds the learned projection.
-  state, state_shardings = train.create_train_state(
-      model_cfg, tx, seed, mesh, rules, t_cfg=teacher and teacher.cfg, distill=distill)
+  phase, phase_dir, mesh, rules, teacher = (spec.phase, spec.phase_dir, spec.mesh, spec.rules,
+                                            spec.teacher)
+  tx, schedule = optim.make_optimizer(spec.train_cfg), optim.make_schedule(spec.train_cfg)
+  total = int(spec.train_cfg.steps)
+  # Loss schedules with steps=0 span the phase.
+  distill = spec.distill.resolved(total) if spec.distill is not None else None
   ckpts = checkpoint.PhaseCheckpoints(os.path.join(phase_dir, "checkpoints"),
-                                      max_to_keep=keep_checkpoints)
-  data_iter = make_train_iter()
-  restored = ckpts.restore_latest_valid(state, state_shardings)
-  start = 0
-  if restored is None and init_params is not None:
-    state = state.replace(params=init_params())
-  if restored is not None:
-    start, state, data_state = restored
+                                      max_to_keep=spec.keep_checkpoints)
+  data_iter = spec.make_train_iter()
+  try:
+    start, state, state_shardings, data_state = _restore_or_init(spec, tx, distill, ckpts)
+  except BaseException:
+    ckpts.close()
+    raise
+  if data_state is not None:
     data_iter.set_state(data_state)
-    if start < int(train_cfg.steps):
+    if start < total:
       print(f"{phase}: resuming from step {start}", file=sys.stderr)
-  total = int(train_cfg.steps)
   if start >= total:
     ckpts.close()
     return PhaseResult(state.params, start, 0)
-
   step_fn = train.jit_train_step(
-      train.make_train_step(model_cfg, tx, schedule, t_cfg=teacher and teacher.cfg,
+      train.make_train_step(spec.model_cfg, tx, schedule, t_cfg=teacher and teacher.cfg,
                             distill=distill,
-                            grad_accum_steps=int(train_cfg.get("grad_accum_steps", 1)),
+                            grad_accum_steps=int(spec.train_cfg.get("grad_accum_steps", 1)),
                             rules=rules, t_rules=teacher and (teacher.rules or rules)),
       state_shardings, teacher.shardings if teacher else None, mesh)
-  teacher_params = teacher.params if teacher else None
-  batch_sharding = sharding.batch_sharding(mesh)
   # Every process computes the same replicated metrics; only process 0 writes them.
   log = MetricLog(phase_dir, phase=phase, start_step=start, total_steps=total,
-                  tokens_per_step=tokens_per_step, show_progress=show_progress,
-                  enabled=jax.process_index() == 0, wandb=config_dict.get("wandb"),
-                  config=config_dict)
+                  tokens_per_step=spec.tokens_per_step, show_progress=spec.show_progress,
+                  enabled=jax.process_index() == 0, wandb=spec.config_dict.get("wandb"),
+                  config=spec.config_dict)
+  try:
+    state = _run_steps(spec, step_fn, state, data_iter, ckpts, log, start, total)
+  finally:
+    ckpts.wait()
+    ckpts.close()
+    log.close()
+  return PhaseResult(state.params, total, total - start)
+
+
+def _run_steps(spec: PhaseSpec, step_fn, state, data_iter, ckpts, log, start: int, total: int):
+  """Steps start+1 .. total: dispatch, settle the previous step's metrics, checkpoint, stop on a
+  signal. Returns the final state."""
+  phase, teacher = spec.phase, spec.teacher
+  teacher_params = teacher.params if teacher else None
+  batch_sharding = sharding.batch_sharding(spec.mesh)
   last_saved = start
   val_losses = {}  # step -> held-out loss, merged into that step's metrics row
   previous = None  # (step, device metrics) of the step before the one just dispatched
@@ -153,42 +205,37 @@ def run_phase(*, phase: str, phase_dir: str, model_cfg: ModelConfig, train_cfg: 
   def settle(step_metrics):
     """Host side of a finished step: log it if due, stop on too many non-finite steps."""
     done_step, device_metrics = step_metrics
-    if done_step % log_every == 0 or done_step == total or done_step in val_losses:
+    if done_step % spec.log_every == 0 or done_step == total or done_step in val_losses:
       row = jax.device_get(device_metrics)
       if done_step in val_losses:
         row = dict(row, val_loss=val_losses.pop(done_step))
       log.write(done_step, row)
-    if int(jax.device_get(device_metrics["nonfinite_streak"])) >= nonfinite_patience:
+    if int(jax.device_get(device_metrics["nonfinite_streak"])) >= spec.nonfinite_patience:
       raise NonFiniteError(
-          f"{phase}: {nonfinite_patience} consecutive steps up to step {done_step} had a "
+          f"{phase}: {spec.nonfinite_patience} consecutive steps up to step {done_step} had a "
           f"non-finite loss or gradient; their updates were skipped and the last checkpoint "
           f"(step {last_saved}) is intact. Lower the learning rate, check the data, or raise "
           "config.nonfinite_patience.")
 
-  try:
-    with _StopSignals() as signals:
-      for step in range(start + 1, total + 1):
-        batch = device_batch(next(data_iter), batch_sharding)
-        state, metrics = step_fn(state, teacher_params, batch)
-        if previous is not None:
-          settle(previous)  # reads step N-1 while step N runs
-        previous = (step, metrics)  # not the state: its buffers are donated to the next step
-        stop = signals.check()
-        if step % checkpoint_every == 0 or step == total or stop:
-          # The iterator state is taken after this step's batch, so a resume continues after it.
-          if val_loss_fn is not None and not stop:
-            val_losses[step] = val_loss_fn(state.params)
-          ckpts.save(step, state, data_iter.get_state(), config_dict, val_losses.get(step))
-          last_saved = step
-        if stop:
-          settle(previous)
-          ckpts.wait()
-          raise Preempted(f"{phase}: received {signal.Signals(signals.received).name}; saved a "
-                          f"checkpoint at step {step} in {phase_dir}. Rerun the same command "
-                          "to resume.")
-      settle(previous)
-  finally:
-    ckpts.wait()
-    ckpts.close()
-    log.close()
-  return PhaseResult(state.params, total, total - start)
+  with _StopSignals() as signals:
+    for step in range(start + 1, total + 1):
+      batch = device_batch(next(data_iter), batch_sharding)
+      state, metrics = step_fn(state, teacher_params, batch)
+      if previous is not None:
+        settle(previous)  # reads step N-1 while step N runs
+      previous = (step, metrics)  # not the state: its buffers are donated to the next step
+      stop = signals.check()
+      if step % spec.checkpoint_every == 0 or step == total or stop:
+        # The iterator state is taken after this step's batch, so a resume continues after it.
+        if spec.val_loss_fn is not None and not stop:
+          val_losses[step] = spec.val_loss_fn(state.params)
+        ckpts.save(step, state, data_iter.get_state(), spec.config_dict, val_losses.get(step))
+        last_saved = step
+      if stop:
+        settle(previous)
+        ckpts.wait()
+        raise Preempted(f"{phase}: received {signal.Signals(signals.received).name}; saved a "
+                        f"checkpoint at step {step} in {spec.phase_dir}. Rerun the same command "
+                        "to resume.")
+    settle(previous)
+  return state

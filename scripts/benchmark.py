@@ -49,8 +49,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from kdjax import experiment, losses, sharding, train  # noqa: E402
+from kdjax import experiment, losses, optim, sharding, train  # noqa: E402
 from kdjax.model import ModelConfig  # noqa: E402
+from kdjax.settings import DistillSettings
+from kdjax.state import create_train_state, init_params, param_shardings
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
                                           lock_config=True)
@@ -124,13 +126,13 @@ def benchmark(config) -> dict:
   s_cfg = ModelConfig.from_dict(config.student)
   t_cfg, t_rules = experiment.frozen_teacher_settings(config, rules)
   tc = config.student_train
-  tx = train.make_optimizer(tc)
-  state, state_sh = train.create_train_state(s_cfg, tx, config.seed, mesh, rules)
-  t_params = train.init_params(t_cfg, jax.random.key(1), mesh, t_rules)
-  t_sh = train.param_shardings(t_cfg, mesh, t_rules)
+  tx = optim.make_optimizer(tc)
+  state, state_sh = create_train_state(s_cfg, tx, config.seed, mesh, rules)
+  t_params = init_params(t_cfg, jax.random.key(1), mesh, t_rules)
+  t_sh = param_shardings(t_cfg, mesh, t_rules)
   step = train.jit_train_step(
-      train.make_train_step(s_cfg, tx, train.make_schedule(tc), t_cfg=t_cfg,
-                            distill=train.DistillSettings.from_config(config.distill),
+      train.make_train_step(s_cfg, tx, optim.make_schedule(tc), t_cfg=t_cfg,
+                            distill=DistillSettings.from_config(config.distill),
                             grad_accum_steps=tc.grad_accum_steps, rules=rules, t_rules=t_rules),
       state_sh, t_sh, mesh)
   b, l = config.data.batch_size, config.data.seq_len

@@ -11,8 +11,9 @@ jitted on the config's mesh, batches split over (data, fsdp) as in evaluation. T
 the ones the distilled phase sees at steps 1..config.student_train.steps (data seed
 config.seed + 1). The cache goes to `<workdir>/teacher_cache/k{K}` (`k{K}_s{N}` with
 --estimator_samples=N; `s{N}` with --top_k=0); an existing cache is never overwritten, and an
-interrupted build resumes from its last complete shard. See kdjax/teacher_cache.py for the
-format, kdjax/cache_losses.py for the estimators. Prints one JSON line: the manifest's summary.
+interrupted build resumes from its last complete shard. See kdjax/teacher_cache/format.py for
+the format, kdjax/teacher_cache/estimators.py for the estimators. Prints one JSON line: the
+manifest's summary.
 
 --report builds, for each K of --report_k, caches of the held-out eval batches (top-k K, and K
 samples), reads them back, and compares each estimator's soft loss with the live teacher's
@@ -42,9 +43,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from kdjax import (cache_losses, config_check, evaluate, experiment, sharding,  # noqa: E402
-                   teacher_cache, train)
+from kdjax import config_check, evaluate, experiment, sharding, teacher_cache  # noqa: E402
 from kdjax.model import ModelConfig, Transformer  # noqa: E402
+from kdjax.state import init_params  # noqa: E402
+from kdjax.teacher_cache import estimators as cache_estimators  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -113,7 +115,7 @@ class _ListIterator:
 
 def make_gap_step(s_cfg: ModelConfig, t_cfg: ModelConfig, estimators: tuple[str, ...],
                   vocab_size: int, temperature: float):
-  """cache_losses.gap_sums of one eval batch, from both models' logits (jitted)."""
+  """cache_estimators.gap_sums of one eval batch, from both models' logits (jitted)."""
   s_model, t_model = Transformer(s_cfg), Transformer(t_cfg)
   apply = lambda m, p, b: m.apply({"params": p}, b["inputs"], b["segment_ids"], b["positions"])
 
@@ -121,8 +123,8 @@ def make_gap_step(s_cfg: ModelConfig, t_cfg: ModelConfig, estimators: tuple[str,
   def step(s_params, t_params, batch, cached):
     s_logits_BxLxV = apply(s_model, s_params, batch)[..., :vocab_size]
     t_logits_BxLxV = apply(t_model, t_params, batch)[..., :vocab_size]
-    return (cache_losses.gap_sums(s_logits_BxLxV, t_logits_BxLxV, cached, batch["mask"],
-                                  estimators=estimators, temperature=temperature),
+    return (cache_estimators.gap_sums(s_logits_BxLxV, t_logits_BxLxV, cached, batch["mask"],
+                                      estimators=estimators, temperature=temperature),
             jnp.sum(batch["mask"]))
 
   return step
@@ -131,7 +133,7 @@ def make_gap_step(s_cfg: ModelConfig, t_cfg: ModelConfig, estimators: tuple[str,
 def _student_params(config, workdir: str, which: str, mesh, rules):
   s_cfg = ModelConfig.from_dict(config.student)
   if which == "random":
-    return train.init_params(s_cfg, jax.random.key(config.seed + 1), mesh, rules)
+    return init_params(s_cfg, jax.random.key(config.seed + 1), mesh, rules)
   directory = (os.path.join(workdir, which, "checkpoints") if which in ("distilled", "scratch")
                else which)
   return experiment.load_params(s_cfg, directory, mesh, rules)[0]
@@ -144,8 +146,8 @@ def _measure(cache_path: str, manifest: dict, estimators: tuple[str, ...], step_
   sums, tokens, top_mass = {}, 0.0, 0.0
   for i, batch in enumerate(batches):
     cached = cache.batch(i + 1, tokens=batch)
-    if cache_losses.RESIDUAL in cached:  # how much of the teacher the top-k hold
-      top_mass += float(np.sum(-np.expm1(cached[cache_losses.RESIDUAL]) * batch["mask"]))
+    if cache_estimators.RESIDUAL in cached:  # how much of the teacher the top-k hold
+      top_mass += float(np.sum(-np.expm1(cached[cache_estimators.RESIDUAL]) * batch["mask"]))
     with jax.set_mesh(placement.mesh):
       out, n = jax.device_get(step_fn(s_params, t_params, placement.batch(batch),
                                       placement.batch(cached)))

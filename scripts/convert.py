@@ -28,6 +28,7 @@ from absl import app, flags  # noqa: E402
 
 from kdjax import checkpoint, hf, sharding, train  # noqa: E402
 from kdjax.model import ModelConfig  # noqa: E402
+from kdjax.state import init_params, param_shardings
 
 _HF_TO_ORBAX = flags.DEFINE_bool("hf_to_orbax", False, "Hugging Face dir -> kdjax checkpoint.")
 _ORBAX_TO_HF = flags.DEFINE_bool("orbax_to_hf", False, "kdjax checkpoint -> Hugging Face dir.")
@@ -67,8 +68,8 @@ def orbax_to_hf(src: str, dst: str, model: str, family: str, tokenizer: str,
   if family:
     cfg = dataclasses.replace(cfg, family=family)
   mesh = _mesh()
-  shardings = train.param_shardings(cfg, mesh, sharding.DEFAULT_RULES)
-  like = jax.eval_shape(lambda: train.init_params(cfg, jax.random.key(0), mesh,
+  shardings = param_shardings(cfg, mesh, sharding.DEFAULT_RULES)
+  like = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), mesh,
                                                   sharding.DEFAULT_RULES))
   step = checkpoint.best_step(src) if step is None else step
   params, step = checkpoint.load_params(src, like, shardings, step)

@@ -21,6 +21,8 @@ import optax  # noqa: E402
 
 from kdjax import sharding, train  # noqa: E402
 from kdjax.model import ModelConfig  # noqa: E402
+from kdjax.settings import DistillSettings
+from kdjax.state import create_train_state, init_params, param_shardings
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -30,7 +32,7 @@ T_CFG = ModelConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=8, num_k
                     mlp_dim=128, max_len=32)
 S_CFG = dataclasses.replace(T_CFG, d_model=32, num_layers=2, num_heads=8, num_kv_heads=2,
                             head_dim=8, mlp_dim=64)
-DISTILL = train.DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5)
+DISTILL = DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5)
 MESHES = {"1x1x1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2),
           "1x1x8": (1, 1, 8)}
 # The frozen teacher sharded its own way: every param dim named 'embed' split over all 8 devices.
@@ -55,9 +57,9 @@ def run(mesh, teacher_rules, teacher_cfg, distill=DISTILL):
   # SGD: the update is proportional to the gradient, so comparing updated params compares
   # gradients (Adam's first step is ~lr * sign(g), which would hide them).
   tx = optax.sgd(0.1)
-  state, state_sh = train.create_train_state(S_CFG, tx, 0, mesh, rules)
-  t_params = train.init_params(teacher_cfg, jax.random.key(7), mesh, teacher_rules)
-  t_sh = train.param_shardings(teacher_cfg, mesh, teacher_rules)
+  state, state_sh = create_train_state(S_CFG, tx, 0, mesh, rules)
+  t_params = init_params(teacher_cfg, jax.random.key(7), mesh, teacher_rules)
+  t_sh = param_shardings(teacher_cfg, mesh, teacher_rules)
   step = train.make_train_step(S_CFG, tx, lambda s: 0.1, t_cfg=teacher_cfg, distill=distill,
                                rules=rules, t_rules=teacher_rules)
   step_fn = train.jit_train_step(step, state_sh, t_sh, mesh)
@@ -69,7 +71,7 @@ def run(mesh, teacher_rules, teacher_cfg, distill=DISTILL):
   out = {f"metric/{k}": np.asarray(v) for k, v in metrics.items()}
   layout = {}
   # The optimizer state's layout, with Adam's moments (SGD above keeps none).
-  adam_state, _ = train.create_train_state(S_CFG, optax.adam(1e-3), 0, mesh, rules)
+  adam_state, _ = create_train_state(S_CFG, optax.adam(1e-3), 0, mesh, rules)
   for tag, tree in (("param", new_state.params), ("teacher", t_params),
                     ("mu", adam_state.opt_state)):
     for path, x in jax.tree_util.tree_leaves_with_path(tree):

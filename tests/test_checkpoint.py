@@ -9,8 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kdjax import checkpoint, metric_log, sharding, train
+from kdjax import checkpoint, metric_log, optim, sharding, train
 from kdjax.model import ModelConfig
+from kdjax.state import create_train_state
 
 CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
                   mlp_dim=32, max_len=16)
@@ -23,9 +24,9 @@ TC = ml_collections.ConfigDict(dict(steps=10, learning_rate=1e-2, warmup_steps=0
 def trained():
   """A state after two real updates, so optimizer moments and step are non-trivial."""
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  tx = train.make_optimizer(TC)
-  state, shardings = train.create_train_state(CFG, tx, 3, mesh, sharding.DEFAULT_RULES)
-  step = jax.jit(train.make_train_step(CFG, tx, train.make_schedule(TC)))
+  tx = optim.make_optimizer(TC)
+  state, shardings = create_train_state(CFG, tx, 3, mesh, sharding.DEFAULT_RULES)
+  step = jax.jit(train.make_train_step(CFG, tx, optim.make_schedule(TC)))
   rng = np.random.default_rng(0)
   for _ in range(2):
     toks = rng.integers(4, 32, size=(2, 9)).astype(np.int32)
@@ -51,7 +52,7 @@ def test_round_trip_is_exact(trained, tmp_path):
   ckpts.save(2, state, data_state, {"seed": 3})
   ckpts.wait()
   assert ckpts.latest_step() == 2
-  fresh, _ = train.create_train_state(CFG, tx, 99, mesh, sharding.DEFAULT_RULES)
+  fresh, _ = create_train_state(CFG, tx, 99, mesh, sharding.DEFAULT_RULES)
   restored, restored_data = ckpts.restore(2, fresh, shardings)
   ckpts.close()
   _assert_trees_equal(restored, state)

@@ -135,3 +135,22 @@ def test_chunked_loss_never_holds_full_logits():
   # [L, D] hidden states (D = 32), nothing of size L x V.
   assert chunked - _temp_bytes(512, chunk) <= 4 * (2048 - 512) * 32 * 4
   assert chunked <= 8 * chunk * v * 4 and chunked < full_logits / 4
+
+
+def _hellinger_BxL(s_logp_BxLxV, t_logp_BxLxV, *, beta, skew):
+  """Squared Hellinger distance: a divergence kdjax lacks, registered only by this test."""
+  del beta, skew
+  root_gap_BxLxV = jnp.exp(0.5 * t_logp_BxLxV) - jnp.exp(0.5 * s_logp_BxLxV)
+  return 0.5 * jnp.sum(jnp.square(root_gap_BxLxV), axis=-1)
+
+
+def test_a_registered_divergence_reaches_the_chunked_loss(monkeypatch):
+  # The chunked loss reads the same registry as the unchunked one: one line adds it to both.
+  monkeypatch.setitem(losses.DIVERGENCES, "hellinger", losses.Divergence(_hellinger_BxL))
+  want, want_m, want_g = _loss_and_grads(0, "hellinger", {}, inputs=_inputs())
+  got, got_m, got_g = _loss_and_grads(5, "hellinger", {}, inputs=_inputs())
+  assert float(want_m["soft_loss"]) > 0.0
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got_m["soft_loss"], want_m["soft_loss"], rtol=1e-5)
+  for g, w in zip(got_g[:2], want_g[:2]):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kdjax import config_check, experiment, hf, sharding, train
+from kdjax import config_check, experiment, hf, optim, sharding, train
 from kdjax.model import ModelConfig
+from kdjax.settings import DistillSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -37,7 +38,7 @@ STATE_SHARE = 0.5
 
 
 def _abstract_state(model_cfg, tc, mesh, rules):
-  tx = train.make_optimizer(tc)
+  tx = optim.make_optimizer(tc)
   boxed = jax.eval_shape(train._abstract_boxed_state(model_cfg, tx, 0),
                          jax.ShapeDtypeStruct((2,), jnp.uint32))
   shardings = sharding.logical_shardings(boxed, mesh, rules)
@@ -79,8 +80,8 @@ def _phase_step(config, mesh, rules, phase):
     t_params = _with_shardings(nn.meta.unbox(t_like), t_sh)
     used["teacher"] = sharding.per_device_bytes(nn.meta.unbox(t_like), t_sh)
   step = train.make_train_step(
-      model_cfg, tx, train.make_schedule(tc), t_cfg=t_cfg,
-      distill=train.DistillSettings.from_config(config.distill) if t_cfg else None,
+      model_cfg, tx, optim.make_schedule(tc), t_cfg=t_cfg,
+      distill=DistillSettings.from_config(config.distill) if t_cfg else None,
       grad_accum_steps=tc.grad_accum_steps, rules=rules, t_rules=t_rules)
   batch = {k: jax.ShapeDtypeStruct((d.batch_size, d.seq_len),
                                    jnp.float32 if k == "mask" else jnp.int32,

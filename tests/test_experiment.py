@@ -128,9 +128,9 @@ def test_interrupted_phase_resumes_to_the_uninterrupted_result(smoke_run, smoke_
 
   # Killed during step 14: the last checkpoint is step 10; the rerun redoes steps 11..30.
   with pytest.raises(_Killed):
-    experiment.run_phase(smoke_config, resumed_dir, "distilled",
+    experiment.run_experiment_phase(smoke_config, resumed_dir, "distilled",
                          dataclasses.replace(data, make_train_iter=dies_after(13)), mesh, rules)
-  result = experiment.run_phase(smoke_config, resumed_dir, "distilled", data, mesh, rules)
+  result = experiment.run_experiment_phase(smoke_config, resumed_dir, "distilled", data, mesh, rules)
   assert result.trained_steps == smoke_config.student_train.steps - 10
   full = experiment._load_phase_params(smoke_config, workdir, "distilled", mesh, rules)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),

@@ -11,8 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kdjax import checkpoint, loop, sharding, train
+from kdjax import checkpoint, loop, optim, sharding, train
 from kdjax.model import ModelConfig
+from kdjax.settings import DistillSettings
+from kdjax.state import create_train_state, init_params
 
 S_CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
                     mlp_dim=32, max_len=16)
@@ -43,12 +45,12 @@ def _equal(a, b):
 
 
 def test_nan_teacher_logits_skip_the_update_and_are_counted(mesh):
-  tx = train.make_optimizer(TC)
-  state, _ = train.create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
-  good_t = train.init_params(T_CFG, jax.random.key(1), mesh, sharding.DEFAULT_RULES)
+  tx = optim.make_optimizer(TC)
+  state, _ = create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
+  good_t = init_params(T_CFG, jax.random.key(1), mesh, sharding.DEFAULT_RULES)
   nan_t = jax.tree.map(lambda x: x * np.nan, good_t)
-  step = jax.jit(train.make_train_step(S_CFG, tx, train.make_schedule(TC), t_cfg=T_CFG,
-                                       distill=train.DistillSettings()))
+  step = jax.jit(train.make_train_step(S_CFG, tx, optim.make_schedule(TC), t_cfg=T_CFG,
+                                       distill=DistillSettings()))
   after_nan, metrics = step(state, nan_t, _batch(0))
   assert not np.isfinite(float(metrics["loss"]))
   assert _equal(after_nan.params, state.params) and _equal(after_nan.opt_state, state.opt_state)
@@ -84,12 +86,12 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_the_last_checkpoint_intac
                 log_every=1, checkpoint_every=2, keep_checkpoints=3, nonfinite_patience=3,
                 show_progress=False)
   with pytest.raises(loop.NonFiniteError, match="3 consecutive steps up to step 7"):
-    loop.run_phase(make_train_iter=lambda: _Batches(bad_from=5), **kwargs)
+    loop.train_phase(loop.PhaseSpec(make_train_iter=lambda: _Batches(bad_from=5), **kwargs))
   # Steps 5, 6, 7 were skipped; the checkpoint at step 6 holds the params of step 4.
   ckpts = checkpoint.PhaseCheckpoints(str(tmp_path / "checkpoints"))
   assert ckpts.latest_step() == 6
-  tx = train.make_optimizer(TC)
-  like, shardings = train.create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
+  tx = optim.make_optimizer(TC)
+  like, shardings = create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
   at6, _ = ckpts.restore(6, like, shardings)
   at4, _ = ckpts.restore(4, like, shardings)
   ckpts.close()
@@ -125,7 +127,7 @@ def whole_and_stopped(mesh, tmp_path_factory):
   """An uninterrupted run's result, and the phase dir of a run stopped right after its
   checkpoint at step 8 (each test below damages its own copy of that dir)."""
   kwargs = _resume_kwargs(mesh)
-  whole = loop.run_phase(phase_dir=str(tmp_path_factory.mktemp("whole")), **kwargs)
+  whole = loop.train_phase(loop.PhaseSpec(phase_dir=str(tmp_path_factory.mktemp("whole")), **kwargs))
   partial_dir = tmp_path_factory.mktemp("partial")
   with pytest.raises(KeyboardInterrupt):  # stop right after the checkpoint at step 8
 
@@ -135,7 +137,7 @@ def whole_and_stopped(mesh, tmp_path_factory):
           raise KeyboardInterrupt
         return super().__next__()
 
-    loop.run_phase(phase_dir=str(partial_dir), **dict(kwargs, make_train_iter=lambda: Stop(10**9)))
+    loop.train_phase(loop.PhaseSpec(phase_dir=str(partial_dir), **dict(kwargs, make_train_iter=lambda: Stop(10**9))))
   return whole, partial_dir
 
 
@@ -149,7 +151,7 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(mesh, tmp_path, damage
   damage(str(step8))
   files = sorted(os.path.relpath(p, step8) for p in glob.glob(f"{step8}/**", recursive=True))
   capfd.readouterr()
-  resumed = loop.run_phase(phase_dir=str(partial_dir), **_resume_kwargs(mesh))
+  resumed = loop.train_phase(loop.PhaseSpec(phase_dir=str(partial_dir), **_resume_kwargs(mesh)))
   err = capfd.readouterr().err
   assert "checkpoint step 8" in err and "corrupt_checkpoints" in err
   assert resumed.trained_steps == TC.steps - 4  # fell back to step 4
@@ -166,11 +168,11 @@ def test_keeps_the_last_n_plus_the_best_by_held_out_loss(mesh, tmp_path):
     seen.append(len(seen))
     return losses_by_step[2 * len(seen)]
 
-  loop.run_phase(phase="scratch", phase_dir=str(tmp_path), model_cfg=S_CFG, train_cfg=TC, seed=0,
+  loop.train_phase(loop.PhaseSpec(phase="scratch", phase_dir=str(tmp_path), model_cfg=S_CFG, train_cfg=TC, seed=0,
                  mesh=mesh, rules=sharding.DEFAULT_RULES, tokens_per_step=32, config_dict={},
                  log_every=3, checkpoint_every=2, keep_checkpoints=2, nonfinite_patience=3,
                  show_progress=False, val_loss_fn=val_loss,
-                 make_train_iter=lambda: _Batches(bad_from=10**9))
+                 make_train_iter=lambda: _Batches(bad_from=10**9)))
   ckpts = checkpoint.PhaseCheckpoints(str(tmp_path / "checkpoints"))
   assert sorted(ckpts._manager.all_steps()) == [4, 10, 12]  # best (step 4) + last two
   ckpts.close()

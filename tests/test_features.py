@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from configs import shakespeare
-from kdjax import checkpoint, config_check, features, loop, losses, sharding, train
+from kdjax import checkpoint, config_check, features, loop, losses, objectives, optim, sharding, train
 from kdjax.model import ModelConfig, Transformer
+from kdjax.settings import DistillSettings
+from kdjax.state import abstract_train_state, create_train_state, init_params, param_shardings
 
 T_CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=3, num_heads=4, num_kv_heads=2,
                     mlp_dim=32, max_len=16)
@@ -44,7 +46,7 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def teacher_params(mesh):
-  return train.init_params(T_CFG, jax.random.key(7), mesh, RULES)
+  return init_params(T_CFG, jax.random.key(7), mesh, RULES)
 
 
 # ------------------------------------------------------------------------------------ pure parts
@@ -171,13 +173,14 @@ def test_copy_of_the_teacher_has_exactly_zero_feature_losses(teacher_params):
   batch = jax.tree.map(jnp.asarray, _batch(1))
   t_out = None
   for kind in ("mse", "cosine"):
-    distill = train.DistillSettings(feature_weight=1.0, attention_weight=1.0, feature_loss=kind)
+    distill = DistillSettings(feature_weight=1.0, attention_weight=1.0, feature_loss=kind)
     plan = features.make_plan(distill, T_CFG, T_CFG)
     assert plan.s_layers == plan.t_layers == (0, 1, 2) and not plan.projection
+    objective = objectives.make(T_CFG, distill, T_CFG)
     if t_out is None:  # the loss kind does not change what the teacher gives
-      t_out = train.make_teacher_forward(T_CFG, plan=plan)(teacher_params, batch)
-    _, metrics = train.make_student_loss(T_CFG, distill, t_cfg=T_CFG)(teacher_params, batch,
-                                                                     t_out)
+      t_out = objectives.make_teacher_forward(T_CFG, objective.teacher_needs)(teacher_params,
+                                                                              batch)
+    _, metrics = objective.loss(teacher_params, None, batch, t_out, 0)
     assert float(metrics["feature_loss"]) == 0.0, kind
     assert float(metrics["attention_loss"]) == 0.0, kind
     assert float(metrics["soft_loss"]) == 0.0  # the logits agree too: a true copy
@@ -186,27 +189,27 @@ def test_copy_of_the_teacher_has_exactly_zero_feature_losses(teacher_params):
 def test_feature_weight_zero_is_the_plain_step(teacher_params, mesh):
   """Feature settings at weight 0 trace the very program of a step without them (and so give
   the same bits), with no projection in the state."""
-  plain = train.DistillSettings(temperature=2.0)
+  plain = DistillSettings(temperature=2.0)
   off = dataclasses.replace(plain, feature_weight=0.0, attention_weight=0.0,
                             feature_loss="cosine", feature_layers=((0, 1), (1, 2)))
-  tx = train.make_optimizer(TC)
-  states = [jax.eval_shape(lambda: train.create_train_state(S_CFG, tx, 0, mesh, RULES,
+  tx = optim.make_optimizer(TC)
+  states = [jax.eval_shape(lambda: create_train_state(S_CFG, tx, 0, mesh, RULES,
                                                             t_cfg=T_CFG, distill=d)[0])
             for d in (plain, off)]
   assert states[1].aux_params is None and states[1] == states[0]
   batch = _batch(2)
   programs = [str(jax.make_jaxpr(train.make_train_step(
-      S_CFG, tx, train.make_schedule(TC), t_cfg=T_CFG, distill=d))(states[0], teacher_params,
+      S_CFG, tx, optim.make_schedule(TC), t_cfg=T_CFG, distill=d))(states[0], teacher_params,
                                                                     batch))
               for d in (plain, off)]
   assert programs[0] == programs[1]
 
 
 def test_projection_only_for_the_hidden_term_between_widths(mesh):
-  tx = train.make_optimizer(TC)
+  tx = optim.make_optimizer(TC)
   def aux(s_cfg, **kw):
-    like = jax.eval_shape(lambda: train.create_train_state(
-        s_cfg, tx, 0, mesh, RULES, t_cfg=T_CFG, distill=train.DistillSettings(**kw))[0])
+    like = jax.eval_shape(lambda: create_train_state(
+        s_cfg, tx, 0, mesh, RULES, t_cfg=T_CFG, distill=DistillSettings(**kw))[0])
     return like.aux_params
   same_width = dataclasses.replace(S_CFG, d_model=16)
   assert aux(S_CFG, feature_weight=0.5)["projection"]["kernel"].shape == (2, 8, 16)
@@ -238,15 +241,15 @@ def test_training_with_features_through_the_loop(teacher_params, mesh, tmp_path)
   """A distilled phase with both terms between different widths: the feature losses fall, the
   projection is trained and checkpointed in the 'train' item, restores exactly, and the phase's
   params (what evaluation and export read) hold the student alone."""
-  distill = train.DistillSettings(temperature=2.0, feature_weight=1.0, attention_weight=1.0,
+  distill = DistillSettings(temperature=2.0, feature_weight=1.0, attention_weight=1.0,
                                   feature_loss="mse")
-  t_shardings = train.param_shardings(T_CFG, mesh, RULES)
-  result = loop.run_phase(
+  t_shardings = param_shardings(T_CFG, mesh, RULES)
+  result = loop.train_phase(loop.PhaseSpec(
       phase="distilled", phase_dir=str(tmp_path), model_cfg=S_CFG, train_cfg=TC, seed=0,
       mesh=mesh, rules=RULES, make_train_iter=_FixedBatches, tokens_per_step=32, config_dict={},
       log_every=1, checkpoint_every=TC.steps, keep_checkpoints=1, nonfinite_patience=3,
       teacher=loop.Teacher(T_CFG, teacher_params, t_shardings), distill=distill,
-      show_progress=False)
+      show_progress=False))
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   for key in ("feature_loss", "attention_loss"):
@@ -255,10 +258,10 @@ def test_training_with_features_through_the_loop(teacher_params, mesh, tmp_path)
     assert values[-1] < 0.8 * values[0], (key, values)
 
   # Exported / evaluated params: exactly the student's tree, no projection.
-  student_tree = jax.eval_shape(lambda: train.init_params(S_CFG, jax.random.key(0), mesh, RULES))
+  student_tree = jax.eval_shape(lambda: init_params(S_CFG, jax.random.key(0), mesh, RULES))
   assert jax.tree.structure(result.params) == jax.tree.structure(student_tree)
 
-  like, shardings = train.abstract_train_state(S_CFG, train.make_optimizer(TC), 0, mesh, RULES,
+  like, shardings = abstract_train_state(S_CFG, optim.make_optimizer(TC), 0, mesh, RULES,
                                                t_cfg=T_CFG, distill=distill)
   ckpts = checkpoint.PhaseCheckpoints(str(tmp_path / "checkpoints"))
   restored, _ = ckpts.restore(TC.steps, like, shardings)
@@ -279,7 +282,7 @@ def test_training_with_features_through_the_loop(teacher_params, mesh, tmp_path)
   assert len(moments) == 2 and all(np.any(np.asarray(m) != 0) for m in moments)
   # The params item alone (what a teacher load or an export reads) has no projection in it.
   params_only, _ = checkpoint.load_params(str(tmp_path / "checkpoints"), student_tree,
-                                          train.param_shardings(S_CFG, mesh, RULES))
+                                          param_shardings(S_CFG, mesh, RULES))
   jax.tree.map(np.testing.assert_array_equal, params_only, result.params)
 
 

@@ -17,8 +17,10 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import gkd, losses, sample, sharding, train
+from kdjax import gkd, losses, optim, sample, sharding, train
 from kdjax.model import ModelConfig, Transformer
+from kdjax.settings import DistillSettings
+from kdjax.state import create_train_state, init_params
 
 V, B, L = 32, 4, 12
 T_CFG = ModelConfig(vocab_size=V, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -29,7 +31,7 @@ TC = ml_collections.ConfigDict(dict(steps=10, learning_rate=1e-2, warmup_steps=0
                                     end_lr_fraction=1.0, weight_decay=0.0, grad_clip=1.0,
                                     b1=0.9, b2=0.95, grad_accum_steps=1))
 # The off-policy loss differs from the on-policy one on purpose: a branch mix-up shows.
-DISTILL = train.DistillSettings(loss="forward_kl", temperature=TEMPERATURE, alpha=0.5, beta=BETA)
+DISTILL = DistillSettings(loss="forward_kl", temperature=TEMPERATURE, alpha=0.5, beta=BETA)
 
 
 def _batch(seed):
@@ -45,8 +47,8 @@ def _batch(seed):
 @pytest.fixture(scope="module")
 def setup():
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  t_params = train.init_params(T_CFG, jax.random.key(7), mesh, sharding.DEFAULT_RULES)
-  tx, schedule = train.make_optimizer(TC), train.make_schedule(TC)
+  t_params = init_params(T_CFG, jax.random.key(7), mesh, sharding.DEFAULT_RULES)
+  tx, schedule = optim.make_optimizer(TC), optim.make_schedule(TC)
   return mesh, t_params, tx, schedule
 
 
@@ -64,7 +66,7 @@ def _step(setup, distill, accum=1):
 def _run(setup, distill, steps, accum=1):
   """(states after each step, metrics of each step) from the same initial state."""
   mesh, t_params, tx, _ = setup
-  state, _ = train.create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
+  state, _ = create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
   step = _step(setup, distill, accum)
   states, metrics = [], []
   for i in range(steps):
@@ -97,7 +99,7 @@ def test_lambda_zero_equals_ordinary_distillation(setup):
     assert got["on_policy"] == 0.0
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
   # And the config's lambda = 0 compiles no on-policy branch at all.
-  settings = train.DistillSettings.from_config(ml_collections.ConfigDict(dict(
+  settings = DistillSettings.from_config(ml_collections.ConfigDict(dict(
       loss="forward_kl", temperature=1.0, alpha=0.5, on_policy_fraction=0.0)))
   assert settings.on_policy is None
 
@@ -231,7 +233,7 @@ def test_a_student_with_padding_rows_samples_only_ids_the_teacher_scores(setup):
   vocabulary would make its logits NaN and the step would be skipped)."""
   mesh, t_params, tx, schedule = setup
   big = dataclasses.replace(S_CFG, vocab_size=V + 16)
-  state, _ = train.create_train_state(big, tx, 0, mesh, sharding.DEFAULT_RULES)
+  state, _ = create_train_state(big, tx, 0, mesh, sharding.DEFAULT_RULES)
   step = jax.jit(train.make_train_step(big, tx, schedule, t_cfg=T_CFG, distill=_on_policy(1.0)))
   for i in range(2):
     state, m = step(state, t_params, _batch(i))

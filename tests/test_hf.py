@@ -128,14 +128,14 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, family):
   # A kdjax model of the family's shape with its own random weights (not read from transformers):
   # the export alone must carry it over.
   cfg = hf.model_config(_hf_model(family).config.to_dict())
-  like = hf._abstract_params(cfg)
+  like = hf.abstract_params(cfg)
   rng = np.random.default_rng(1)  # numpy draws: no compile per parameter shape
   params = jax.tree.map(
       lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), jnp.float32), like)
   hf.save_pretrained(str(tmp_path), cfg, params)
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path),
                                                             attn_implementation="eager")
-  assert type(model).__name__ == hf._ARCHITECTURES[family]
+  assert type(model).__name__ == hf.ARCHITECTURES[family]
   tokens, mask = _batch()
   _assert_close(_kdjax_logits(cfg, params, tokens, mask), _hf_logits(model.float(), tokens, mask),
                 mask)
@@ -231,10 +231,11 @@ _SHARDED_LOAD = """
 import sys
 import kdjax, jax, numpy as np
 from kdjax import hf, sharding, train
+from kdjax.state import param_shardings
 path = sys.argv[1]
 mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 cfg, params = hf.load_pretrained(path, mesh=mesh, rules=sharding.DEFAULT_RULES)
-want = train.param_shardings(cfg, mesh, sharding.DEFAULT_RULES)
+want = param_shardings(cfg, mesh, sharding.DEFAULT_RULES)
 _, single = hf.load_pretrained(path)
 split = 0
 for x, s, y in zip(jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(single)):

@@ -96,7 +96,7 @@ def test_prune_distill_export(tmp_path):
   val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
   best = min(val, key=val.get)
   assert checkpoint.best_step(ckpts) == best
-  like = hf._abstract_params(s_cfg_run)
+  like = hf.abstract_params(s_cfg_run)
   shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), like)
   params, step = checkpoint.load_params(ckpts, like, shardings, best)
   tok = tokenizer_lib.load(out)

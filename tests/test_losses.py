@@ -472,6 +472,41 @@ def test_registry_names():
   assert losses.DIVERGENCES["jsd"] is losses.generalized_jsd
 
 
+def _hellinger_BxL(s_logp_BxLxV, t_logp_BxLxV, *, beta, skew):
+  """Squared Hellinger distance 0.5 sum_v (sqrt p_t - sqrt p_s)^2: a divergence kdjax lacks."""
+  del beta, skew
+  root_gap_BxLxV = jnp.exp(0.5 * t_logp_BxLxV) - jnp.exp(0.5 * s_logp_BxLxV)
+  return 0.5 * jnp.sum(jnp.square(root_gap_BxLxV), axis=-1)
+
+
+def np_hellinger(s, t, mask, temperature):
+  p_s, p_t = np_softmax(s, temperature), np_softmax(t, temperature)
+  per_token = 0.5 * np.square(np.sqrt(p_t) - np.sqrt(p_s)).sum(axis=-1)
+  return temperature**2 * np_masked_mean(per_token, mask)
+
+
+def test_one_registry_line_adds_a_divergence_everywhere(monkeypatch):
+  # The registry is the only dispatch: a new entry reaches every entry point by name.
+  monkeypatch.setitem(losses.DIVERGENCES, "hellinger", losses.Divergence(_hellinger_BxL))
+  s, t, labels, mask = make_inputs()
+  want = np_hellinger(s, t, mask, 2.0)
+  got = losses.soft_loss("hellinger", s, t, mask, temperature=2.0, beta=0.3, skew=0.2)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  total, metrics = losses.distillation_loss(s, t, labels, mask, loss="hellinger",
+                                            temperature=2.0, alpha=0.3)
+  np.testing.assert_allclose(metrics["soft_loss"], want, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(total, 0.3 * want + 0.7 * np_cross_entropy(s, labels, mask),
+                             rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", sorted(losses.DIVERGENCES))
+def test_every_divergence_is_float32_from_bf16_logits(name):
+  s, t, _, _ = make_inputs()
+  s16, t16 = jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16)
+  per_token = losses.DIVERGENCES[name].per_token(s16, t16, temperature=2.0, beta=0.3, skew=0.2)
+  assert per_token.dtype == jnp.float32 and per_token.shape == (B, L)
+
+
 @pytest.mark.parametrize("name", sorted(losses.DIVERGENCES))
 def test_soft_loss_dispatch_passes_options(name):
   s, t, _, mask = make_inputs()

@@ -25,9 +25,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kdjax import checkpoint, hf, prune, train
+from kdjax import checkpoint, hf, optim, prune, train
 from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig, Transformer
+from kdjax.settings import DistillSettings
+from kdjax.state import TrainState
 from test_model import _random_param  # norm scales and biases away from 1 and 0
 import scripts_loader
 
@@ -391,18 +393,18 @@ def test_a_pruned_student_trains_with_the_teacher():
   tc = ml_collections.ConfigDict(dict(steps=10, learning_rate=1e-2, warmup_steps=0,
                                      end_lr_fraction=1.0, weight_decay=0.0, grad_clip=1.0,
                                      b1=0.9, b2=0.95))
-  tx, schedule = train.make_optimizer(tc), train.make_schedule(tc)
+  tx, schedule = optim.make_optimizer(tc), optim.make_schedule(tc)
   # The pruned params have exactly the tree and shapes `init` builds for the new config.
   init_shapes = jax.eval_shape(
       lambda: Transformer(s_cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
   assert jax.tree.map(jnp.shape, nn.unbox(init_shapes["params"])) == jax.tree.map(jnp.shape,
                                                                                   s_params)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=s_params,
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=s_params,
                            opt_state=tx.init(s_params), rng=jax.random.key_data(jax.random.key(0)),
                            skipped_steps=jnp.zeros((), jnp.int32),
                            nonfinite_streak=jnp.zeros((), jnp.int32))
   step = jax.jit(train.make_train_step(s_cfg, tx, schedule, t_cfg=t_cfg,
-                                       distill=train.DistillSettings(alpha=0.5)))
+                                       distill=DistillSettings(alpha=0.5)))
   batch = {"inputs": toks, "targets": np.roll(toks, -1, axis=1),
            "segment_ids": np.ones((B, L), np.int32),
            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)),
@@ -439,7 +441,7 @@ def test_script_cuts_a_phase_checkpoint_teacher(tmp_path):
   script = _script()
   t_cfg, t_params = BASE, build(BASE)
   # What a teacher phase saves; only the params and the run config matter here.
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=t_params, opt_state={},
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=t_params, opt_state={},
                            rng=jax.random.key_data(jax.random.key(0)),
                            skipped_steps=jnp.zeros((), jnp.int32),
                            nonfinite_streak=jnp.zeros((), jnp.int32))

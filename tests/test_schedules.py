@@ -9,8 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kdjax import losses, schedules, sharding, train
+from kdjax import losses, optim, schedules, sharding, train
 from kdjax.model import ModelConfig
+from kdjax.settings import DistillSettings
+from kdjax.state import create_train_state, init_params
 
 T_CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
                     mlp_dim=32, max_len=16)
@@ -72,7 +74,7 @@ def test_steps_zero_spans_the_phase_and_settings_come_from_the_config():
       loss="forward_kl", temperature=2.0, alpha=0.5,
       alpha_schedule=dict(kind="linear", end=1.0, steps=0),
       temperature_schedule=dict(kind="constant", end=1.0, steps=0)))
-  settings = train.DistillSettings.from_config(d)
+  settings = DistillSettings.from_config(d)
   assert settings.scheduled == ("alpha",)
   assert settings.feature_weight_schedule.is_constant  # absent from an older config
   with pytest.raises(ValueError, match="steps >= 1"):
@@ -94,20 +96,20 @@ def _batch(seed=0):
 
 def test_scheduled_step_equals_the_unscheduled_step_at_that_step():
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  tx, lr = train.make_optimizer(TC), train.make_schedule(TC)
-  t_params = train.init_params(T_CFG, jax.random.key(1), mesh, sharding.DEFAULT_RULES)
-  state, _ = train.create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
+  tx, lr = optim.make_optimizer(TC), optim.make_schedule(TC)
+  t_params = init_params(T_CFG, jax.random.key(1), mesh, sharding.DEFAULT_RULES)
+  state, _ = create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
   state = state.replace(step=jnp.asarray(2, jnp.int32))
   # Half-way along both: alpha 0.25 and T = 2, values float32 holds exactly. (Not alpha = 0.5:
   # with equal static weights XLA may rewrite 0.5 a + 0.5 b as 0.5 (a + b), an ulp away.)
-  scheduled = train.DistillSettings(
+  scheduled = DistillSettings(
       temperature=3.0, alpha=0.0,
       alpha_schedule=schedules.Schedule(kind="linear", end=0.5, steps=4),
       temperature_schedule=schedules.Schedule(kind="cosine", end=1.0, steps=4))
   knobs = scheduled.at(state.step)
   alpha, temperature = float(knobs["alpha"]), float(knobs["temperature"])
   assert (alpha, temperature) == (0.25, 2.0)
-  fixed = train.DistillSettings(temperature=temperature, alpha=alpha)
+  fixed = DistillSettings(temperature=temperature, alpha=alpha)
   batch = _batch()
   out = {}
   for name, distill in (("scheduled", scheduled), ("fixed", fixed)):

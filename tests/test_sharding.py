@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from kdjax import sharding, train
+from kdjax import optim, sharding, train
 from kdjax.model import ModelConfig
+from kdjax.state import create_train_state, init_params, param_shardings
 
 from background import Background
 
@@ -129,7 +130,7 @@ CFG = ModelConfig(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_h
 
 def test_shardings_come_from_the_rules_and_fit_any_mesh():
   mesh = sharding.abstract_mesh({"data": 2, "fsdp": 4, "tensor": 2}, 16)
-  specs = jax.tree.map(lambda s: s.spec, train.param_shardings(CFG, mesh, sharding.DEFAULT_RULES))
+  specs = jax.tree.map(lambda s: s.spec, param_shardings(CFG, mesh, sharding.DEFAULT_RULES))
   assert specs["embed"]["embedding"] == P("tensor", "fsdp")
   assert specs["layers"]["attn"]["query"]["kernel"] == P(None, "fsdp", "tensor", None)
   assert specs["layers"]["attn"]["key"]["kernel"] == P(None, "fsdp", "tensor", None)
@@ -141,18 +142,18 @@ def test_shardings_come_from_the_rules_and_fit_any_mesh():
   # 3 KV heads cannot split over tensor=2: that dim replicates, the others stay sharded.
   odd = ModelConfig(**{**CFG.__dict__, "num_heads": 6, "num_kv_heads": 3, "head_dim": 8})
   key = jax.tree.map(lambda s: s.spec,
-                     train.param_shardings(odd, mesh, sharding.DEFAULT_RULES))
+                     param_shardings(odd, mesh, sharding.DEFAULT_RULES))
   assert key["layers"]["attn"]["key"]["kernel"] == P(None, "fsdp", None, None)
 
 
 def test_per_device_bytes_divides_by_the_mesh():
   mesh = sharding.abstract_mesh({"data": 1, "fsdp": 4, "tensor": 2}, 8)
-  like = jax.eval_shape(lambda: train.init_params(CFG, jax.random.key(0),
+  like = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0),
                                                   sharding.make_mesh({"data": 1, "fsdp": 1,
                                                                       "tensor": 1}),
                                                   sharding.DEFAULT_RULES))
   total = sum(x.size * 4 for x in jax.tree.leaves(like))
-  per_device = sharding.per_device_bytes(like, train.param_shardings(CFG, mesh,
+  per_device = sharding.per_device_bytes(like, param_shardings(CFG, mesh,
                                                                      sharding.DEFAULT_RULES))
   # Norm scales are split only over fsdp (4), every matrix over fsdp x tensor (8).
   norms = 4 * CFG.d_model * (2 * CFG.num_layers + 1)
@@ -170,10 +171,10 @@ def test_mesh_shape_fills_minus_one_and_rejects_bad_sizes():
 
 def test_activation_constraints_only_under_rules():
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  tx = train.make_optimizer(ml_collections.ConfigDict(dict(
+  tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
       steps=10, learning_rate=1e-3, warmup_steps=0, end_lr_fraction=1.0, weight_decay=0.0,
       grad_clip=1.0, b1=0.9, b2=0.95)))
-  state, state_sh = train.create_train_state(CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
+  state, state_sh = create_train_state(CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
   batch = {k: np.ones((2, 8), np.int32) for k in ("inputs", "targets", "segment_ids",
                                                    "positions")}
   batch["mask"] = np.ones((2, 8), np.float32)

@@ -1,4 +1,4 @@
-"""The offline teacher cache (kdjax/teacher_cache.py) and its estimators (kdjax/cache_losses.py).
+"""The offline teacher cache (kdjax/teacher_cache/) and its estimators (estimators.py).
 
 Oracles are independent: float64 numpy written from the formulas (per token, explicit sets and
 sums), and the live loss itself (losses.forward_kl on the teacher's logits). Models are tiny
@@ -20,8 +20,11 @@ import numpy as np
 import pytest
 
 from configs import shakespeare as shakespeare_config
-from kdjax import cache_losses, losses, sharding, teacher_cache
+from kdjax import losses, optim, sharding, teacher_cache
 from kdjax.model import ModelConfig, Transformer
+from kdjax.settings import DistillSettings
+from kdjax.state import create_train_state
+from kdjax.teacher_cache import estimators
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, L, V = 4, 8, 24
@@ -31,7 +34,7 @@ T_CFG = ModelConfig(vocab_size=V, d_model=16, num_layers=1, num_heads=2, num_kv_
                     mlp_dim=32, max_len=16)
 S_CFG = ModelConfig(vocab_size=V, d_model=8, num_layers=1, num_heads=2, num_kv_heads=1,
                     mlp_dim=16, max_len=16)
-TOPK, SAMPLES = cache_losses.TOPK_IDS, cache_losses.SAMPLE_IDS
+TOPK, SAMPLES = estimators.TOPK_IDS, estimators.SAMPLE_IDS
 
 # Jitted once per shape: eager JAX would compile every primitive on its own, which costs more.
 _targets = jax.jit(teacher_cache.compute_targets, static_argnames=("top_k", "samples"))
@@ -39,13 +42,13 @@ _live_and_grad = jax.jit(jax.value_and_grad(losses.forward_kl))
 
 
 @functools.partial(jax.jit, static_argnames="names")
-def _estimate(s_logits, cached, mask, temperature, names=tuple(cache_losses.ESTIMATORS)):
+def _estimate(s_logits, cached, mask, temperature, names=tuple(estimators.ESTIMATORS)):
   """{estimator: (per-token values, soft loss, its gradient w.r.t. the student's logits)}."""
   out = {}
   for name in names:
-    loss, grad = jax.value_and_grad(lambda s: cache_losses.soft_loss(
+    loss, grad = jax.value_and_grad(lambda s: estimators.soft_loss(
         name, s, cached, mask, temperature=temperature))(s_logits)
-    out[name] = (cache_losses.ESTIMATORS[name](s_logits, cached, temperature), loss, grad)
+    out[name] = (estimators.ESTIMATORS[name](s_logits, cached, temperature), loss, grad)
   return out
 
 
@@ -204,13 +207,13 @@ def test_targets_are_the_teachers_top_k_and_tail_mass(top_k, samples):
   logp = np_log_softmax(t_logits)
   want_ids = np.argsort(-logp, axis=-1)[..., :top_k]
   np.testing.assert_array_equal(out[TOPK], want_ids)
-  np.testing.assert_allclose(out[cache_losses.TOPK_LOGPROBS],
+  np.testing.assert_allclose(out[estimators.TOPK_LOGPROBS],
                              np.take_along_axis(logp, want_ids, -1), rtol=RTOL, atol=ATOL)
   tail = np.exp(logp).sum(-1) - np.take_along_axis(np.exp(logp), want_ids, -1).sum(-1)
   if top_k == V:
-    assert np.all(np.isneginf(out[cache_losses.RESIDUAL]))
+    assert np.all(np.isneginf(out[estimators.RESIDUAL]))
   else:
-    np.testing.assert_allclose(out[cache_losses.RESIDUAL], np.log(tail), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(out[estimators.RESIDUAL], np.log(tail), rtol=RTOL, atol=ATOL)
 
 
 def test_samples_are_distinct_ids_with_counts_and_never_impossible_ids():
@@ -218,17 +221,17 @@ def test_samples_are_distinct_ids_with_counts_and_never_impossible_ids():
   t_logits[..., ::3] = -1e30  # ids the teacher can never emit (a padded vocabulary does this)
   n = 4096
   out = _cached(t_logits, top_k=0, samples=n)
-  ids, counts = out[SAMPLES], out[cache_losses.SAMPLE_COUNTS]
+  ids, counts = out[SAMPLES], out[estimators.SAMPLE_COUNTS]
   np.testing.assert_array_equal(counts.sum(-1), n)
   logp = np_log_softmax(t_logits)
   for b, l in np.ndindex(B, L):
     used = counts[b, l] > 0
     assert len(set(ids[b, l][used].tolist())) == used.sum()  # distinct
     assert np.all(ids[b, l][used] % 3 != 0)
-    np.testing.assert_allclose(out[cache_losses.SAMPLE_LOGPROBS][b, l][used],
+    np.testing.assert_allclose(out[estimators.SAMPLE_LOGPROBS][b, l][used],
                                logp[b, l][ids[b, l][used]], rtol=RTOL, atol=ATOL)
     assert np.all(ids[b, l][~used] == 0)
-    assert np.all(out[cache_losses.SAMPLE_LOGPROBS][b, l][~used] == 0)
+    assert np.all(out[estimators.SAMPLE_LOGPROBS][b, l][~used] == 0)
 
 
 # ---------------------------------------------------------------------------------- estimators
@@ -239,12 +242,12 @@ def test_estimators_match_numpy_oracles(temperature):
   s_logits, t_logits, mask = _random_logits(2), _random_logits(3), _mask()
   c = _cached(t_logits, top_k=6, samples=10, sample_temperature=temperature)
   want = {
-      "topk_renorm": np_topk_renorm(s_logits, c[TOPK], c[cache_losses.TOPK_LOGPROBS],
+      "topk_renorm": np_topk_renorm(s_logits, c[TOPK], c[estimators.TOPK_LOGPROBS],
                                     temperature),
-      "topk_residual": np_topk_residual(s_logits, c[TOPK], c[cache_losses.TOPK_LOGPROBS],
-                                        c[cache_losses.RESIDUAL], temperature),
-      "sampled": np_sampled(s_logits, c[SAMPLES], c[cache_losses.SAMPLE_COUNTS],
-                            c[cache_losses.SAMPLE_LOGPROBS], temperature),
+      "topk_residual": np_topk_residual(s_logits, c[TOPK], c[estimators.TOPK_LOGPROBS],
+                                        c[estimators.RESIDUAL], temperature),
+      "sampled": np_sampled(s_logits, c[SAMPLES], c[estimators.SAMPLE_COUNTS],
+                            c[estimators.SAMPLE_LOGPROBS], temperature),
   }
   got = _estimate(s_logits, c, mask, temperature)
   for name, per_token in want.items():
@@ -265,7 +268,7 @@ def test_top_k_residual_is_the_kl_to_the_teacher_completed_by_the_students_tail(
   tail_logq = np.where(in_top, -np.inf, logq)
   tail_logq -= np.log(np.exp(tail_logq).sum(-1, keepdims=True))  # the student's tail shape
   completed = np.where(in_top, np_log_softmax(t_logits),
-                       c[cache_losses.RESIDUAL][..., None] + tail_logq).astype(np.float32)
+                       c[estimators.RESIDUAL][..., None] + tail_logq).astype(np.float32)
   want, want_grad = _live_and_grad(s_logits, completed, mask, temperature=temperature)
   _, got, grad = _estimate(s_logits, c, mask, temperature)["topk_residual"]
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
@@ -295,8 +298,8 @@ def test_sampled_is_exact_when_counts_are_proportional_to_the_teacher(temperatur
   t_logits = (temperature * np.log(counts)).astype(np.float32)  # softmax(t / T) = c / N
   s_logits, mask = _random_logits(7), _mask()
   cached = {SAMPLES: np.broadcast_to(np.arange(V, dtype=np.uint8), (B, L, V)),
-            cache_losses.SAMPLE_COUNTS: counts.astype(np.uint8),
-            cache_losses.SAMPLE_LOGPROBS: np_log_softmax(np.log(counts)).astype(np.float32)}
+            estimators.SAMPLE_COUNTS: counts.astype(np.uint8),
+            estimators.SAMPLE_LOGPROBS: np_log_softmax(np.log(counts)).astype(np.float32)}
   want, want_grad = _live_and_grad(s_logits, t_logits, mask, temperature=temperature)
   _, got, grad = _estimate(s_logits, cached, mask, temperature, names=("sampled",))["sampled"]
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
@@ -326,20 +329,20 @@ def test_distillation_loss_blends_like_the_live_one():
   c = _cached(t_logits, top_k=V, samples=0)
   want, want_m = jax.jit(functools.partial(losses.distillation_loss, temperature=2.0,
                                             alpha=0.3))(s_logits, t_logits, labels, mask)
-  got, got_m = jax.jit(functools.partial(cache_losses.distillation_loss,
+  got, got_m = jax.jit(functools.partial(estimators.distillation_loss,
                                          estimator="topk_residual", temperature=2.0,
                                          alpha=0.3))(s_logits, c, labels, mask)
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
   assert set(got_m) == set(want_m)
   with pytest.raises(ValueError, match="--estimator_samples"):
-    cache_losses.soft_loss("sampled", s_logits, c, mask)
+    estimators.soft_loss("sampled", s_logits, c, mask)
 
 
 def test_gap_sums_vanish_when_the_cache_holds_every_id():
   s_logits, t_logits, mask = _random_logits(15), _random_logits(16), _mask()
   c = _cached(t_logits, top_k=V, samples=0)
   sums = jax.device_get(jax.jit(functools.partial(
-      cache_losses.gap_sums, estimators=("topk_renorm", "topk_residual"),
+      estimators.gap_sums, estimators=("topk_renorm", "topk_residual"),
       temperature=2.0))(s_logits, t_logits, c, mask))
   for name in ("topk_renorm", "topk_residual"):
     np.testing.assert_allclose(sums[name], sums["live"], rtol=RTOL)
@@ -363,8 +366,8 @@ def test_cache_of_every_id_equals_the_live_teacher_loss(tmp_path, models):
     args = (batch["targets"], batch["mask"])
     live, _ = losses.distillation_loss(s_logits, t_logits, *args, temperature=temperature,
                                        alpha=0.5)
-    return live, [cache_losses.distillation_loss(s_logits, cached, *args, estimator=name,
-                                                 temperature=temperature, alpha=0.5)[0]
+    return live, [estimators.distillation_loss(s_logits, cached, *args, estimator=name,
+                                               temperature=temperature, alpha=0.5)[0]
                   for name in ("topk_renorm", "topk_residual")]
 
   stream = _Stream(7)
@@ -402,8 +405,8 @@ def test_records_read_back_exactly_through_grain(tmp_path, models, logprob_dtype
       stored = got[key].dtype
       assert stored == {"float16": np.float16, "float32": np.float32}[logprob_dtype] or (
           key in (TOPK, SAMPLES) and stored == np.uint8) or (
-          key == cache_losses.SAMPLE_COUNTS and stored == np.uint8) or (
-          key == cache_losses.RESIDUAL and stored == np.float32), (key, stored)
+          key == estimators.SAMPLE_COUNTS and stored == np.uint8) or (
+          key == estimators.RESIDUAL and stored == np.float32), (key, stored)
       np.testing.assert_array_equal(got[key], np.asarray(value, np.float32).astype(stored)
                                     if stored.kind == "f" else value.astype(stored), key)
     # Record (step - 1) * B + row in grain's order is row `row` of step `step`.
@@ -465,8 +468,8 @@ def test_check_config_names_what_does_not_fit(tmp_path):
   b, l = config.data.batch_size, config.data.seq_len
   zeros = {k: np.zeros((b, l), np.int32) for k in ("inputs", "targets", "segment_ids")}
   targets = {TOPK: np.zeros((b, l, 2), np.int32),
-             cache_losses.TOPK_LOGPROBS: np.zeros((b, l, 2), np.float32),
-             cache_losses.RESIDUAL: np.zeros((b, l), np.float32)}
+             estimators.TOPK_LOGPROBS: np.zeros((b, l, 2), np.float32),
+             estimators.RESIDUAL: np.zeros((b, l), np.float32)}
   writer = teacher_cache.CacheWriter(str(tmp_path / "c"), manifest)
   for step in range(1, manifest["steps"] + 1):
     writer.add(step, zeros, targets, data_state={})
@@ -514,7 +517,7 @@ def test_cached_batches_resume_where_they_left_off(tmp_path, models):
     got = next(resumed)
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
   assert set(first[0]) == {"inputs", "targets", "segment_ids", "positions", "mask", TOPK,
-                           cache_losses.TOPK_LOGPROBS, cache_losses.RESIDUAL}
+                           estimators.TOPK_LOGPROBS, estimators.RESIDUAL}
   with pytest.raises(teacher_cache.CacheMismatch, match="without a teacher cache"):
     resumed.set_state({"index": 2})
 
@@ -530,15 +533,15 @@ def test_training_from_a_cache_of_every_id_equals_training_with_the_live_teacher
   tc = ml_collections.ConfigDict(dict(steps=3, learning_rate=1e-2, warmup_steps=0,
                                       end_lr_fraction=1.0, weight_decay=0.0, grad_clip=1.0,
                                       b1=0.9, b2=0.95, grad_accum_steps=1))
-  tx, schedule = train.make_optimizer(tc), train.make_schedule(tc)
-  live = train.DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5)
-  cached = train.DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5,
+  tx, schedule = optim.make_optimizer(tc), optim.make_schedule(tc)
+  live = DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5)
+  cached = DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5,
                                  cache_estimator="topk_residual", cache_vocab_size=V)
   runs = {}
   for name, settings, t_cfg, stream in (
       ("live", live, T_CFG, _Stream(7)),
       ("cached", cached, None, teacher_cache.CachedBatches(_Stream(7), cache))):
-    state, _ = train.create_train_state(S_CFG, tx, 0, mesh, rules)
+    state, _ = create_train_state(S_CFG, tx, 0, mesh, rules)
     step = jax.jit(train.make_train_step(S_CFG, tx, schedule, t_cfg=t_cfg, distill=settings))
     losses_seen = []
     for _ in range(3):

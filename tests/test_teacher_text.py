@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from kdjax import sample, sharding, train
+from kdjax import sample, sharding
 from kdjax.data import pipeline, teacher_text
 from kdjax.model import ModelConfig
+from kdjax.state import init_params
 
 CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
                   mlp_dim=32, max_len=32)
@@ -65,7 +66,7 @@ def mesh():
 
 @pytest.fixture(scope='module')
 def params(mesh):
-  return train.init_params(CFG, jax.random.key(5), mesh, sharding.DEFAULT_RULES)
+  return init_params(CFG, jax.random.key(5), mesh, sharding.DEFAULT_RULES)
 
 
 @pytest.fixture(scope='module')

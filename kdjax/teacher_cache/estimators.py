@@ -2,7 +2,7 @@
 
 Shape letters: B batch, L length, V vocab, K cached ids per token (top-k or sampled slots).
 
-The cache (kdjax/teacher_cache.py) holds, per token, the teacher's top-k log-probs at
+The cache (kdjax/teacher_cache/format.py) holds, per token, the teacher's top-k log-probs at
 temperature 1, ell_v = log softmax(t_logits)_v, and the log-mass of the rest. Training at
 temperature T needs p_T(v) = softmax(ell / T)_v; each estimator recovers what it can of it:
 
@@ -54,7 +54,7 @@ from kdjax import losses
 
 Array = jax.Array
 
-# The keys a cached batch carries (teacher_cache.TeacherCache.batch returns them).
+# The keys a cached batch carries (reader.TeacherCache.batch returns them).
 TOPK_IDS, TOPK_LOGPROBS, RESIDUAL = "t_topk_ids", "t_topk_logprobs", "t_residual"
 SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS = "t_sample_ids", "t_sample_counts", "t_sample_logprobs"
 
@@ -64,8 +64,8 @@ def _f32(x: Array) -> Array:
 
 
 # The same masked mean and 0 log 0 = 0 KL as the live losses.
-_masked_mean = losses._masked_mean  # pylint: disable=protected-access
-_kl_BxL = losses._kl_BxL  # pylint: disable=protected-access
+_masked_mean = losses.masked_mean
+_kl_BxL = losses.kl_BxL
 
 
 def _gather(x_BxLxV: Array, ids_BxLxK: Array) -> Array:
@@ -84,7 +84,7 @@ def _outside_logsumexp(x_BxLxV: Array, in_ids_BxLxV: Array) -> Array:
   """log sum over the ids not in `in_ids` of exp(x); -inf where that set is empty."""
   outside_BxLxV = jnp.where(in_ids_BxLxV, -jnp.inf, x_BxLxV)
   # logsumexp of an all -inf row has a NaN gradient even under a zero cotangent: feed it zeros
-  # there and put the -inf back afterwards (as losses._log_mixture does).
+  # there and put the -inf back afterwards (as losses.divergences._log_mixture does).
   empty_BxLx1 = jnp.all(in_ids_BxLxV, axis=-1, keepdims=True)
   lse_BxL = jax.nn.logsumexp(jnp.where(empty_BxLx1, 0.0, outside_BxLxV), axis=-1)
   return jnp.where(empty_BxLx1[..., 0], -jnp.inf, lse_BxL)
@@ -201,7 +201,7 @@ def distillation_loss(s_logits_BxLxV: Array, cached: Mapping[str, Array], labels
   alpha and temperature may be traced scalars (a schedule, kdjax.schedules); then both terms are
   always computed and blended arithmetically, as losses.distillation_loss does.
   """
-  static_alpha = losses._is_static(alpha)  # pylint: disable=protected-access
+  static_alpha = losses.is_static(alpha)
   if static_alpha and not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha}")
   hard = losses.cross_entropy(s_logits_BxLxV, labels_BxL, mask_BxL)
@@ -209,7 +209,7 @@ def distillation_loss(s_logits_BxLxV: Array, cached: Mapping[str, Array], labels
     soft = jnp.zeros_like(hard)
   else:
     soft = soft_loss(estimator, s_logits_BxLxV, cached, mask_BxL, temperature=temperature)
-  total = losses._blend(alpha, soft, hard)  # pylint: disable=protected-access
+  total = losses.blend(alpha, soft, hard)
   metrics = {"loss": total, "soft_loss": soft, "hard_loss": hard,
              "num_tokens": jnp.sum(mask_BxL.astype(jnp.float32))}
   return total, {k: v.astype(jnp.float32) for k, v in metrics.items()}
