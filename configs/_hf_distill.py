@@ -26,21 +26,20 @@ be comparable and says nothing about distillation at this budget.
 
 import ml_collections
 
-from configs import shakespeare
+from kdjax import cli, settings
+
+shakespeare = cli.sibling_config("shakespeare", __file__)
 
 
 def published(**fields) -> ml_collections.ConfigDict:
-  """Every model field of configs/shakespeare.py, set to a published architecture's values.
+  """Every model field, set to a published architecture's values.
 
   Compute runs in bf16 with f32 params (the student's master weights; the frozen teacher is cast
-  to bf16 by config.frozen_teacher). Fields not given keep shakespeare's defaults, which are the
-  plain Llama-style choices (no biases, no soft-caps, pre-norm only).
+  to bf16 by config.frozen_teacher). Fields not given keep kdjax.model.ModelConfig's defaults,
+  the plain Llama-style choices (no biases, no soft-caps, pre-norm only).
   """
-  model = ml_collections.ConfigDict(shakespeare.get_config().teacher.to_dict())
-  model.update(dict(dtype="bfloat16", param_dtype="float32", remat_policy="full",
-                    scan_layers=True))
-  model.update(fields)
-  return model
+  numerics = dict(dtype="bfloat16", param_dtype="float32", remat_policy="full")
+  return settings.model_section(**{**numerics, **fields})
 
 
 def base_config(*, teacher_hf: str, student_init: str) -> ml_collections.ConfigDict:
@@ -50,19 +49,19 @@ def base_config(*, teacher_hf: str, student_init: str) -> ml_collections.ConfigD
   config.teacher_hf = teacher_hf
   config.student_init = student_init
   config.data.update(dict(
-      name="c4/en", archive="", text_key="text", train_split="train",
+      name="c4/en",
       # C4's validation split (364,608 documents) gives both held-out sets.
       eval_split="validation[50%:]", val_split="validation[:50%]",
       tokenizer_path=teacher_hf,  # the teacher's tokenizer.json / tokenizer.model
   ))
   config.data.seq_len = 4096
-  config.distill.update(dict(loss="forward_kl", temperature=1.0, alpha=1.0))
+  config.distill.alpha = 1.0  # forward KL at T = 1 (the defaults) alone
   config.frozen_teacher.update(dict(
       dtype="bfloat16", param_dtype="bfloat16",
       sharding_rules=[["batch", ["data", "fsdp"]], ["embed", ["data", "fsdp"]],
                       ["vocab", "tensor"], ["heads", "tensor"], ["kv_heads", "tensor"],
                       ["mlp", "tensor"]]))
-  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  config.mesh.update(dict(data=1, fsdp=-1))
   config.log_every = 20
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
@@ -75,7 +74,6 @@ def base_config(*, teacher_hf: str, student_init: str) -> ml_collections.ConfigD
 def train_settings(*, steps: int, learning_rate: float, grad_accum_steps: int):
   """The student's optimizer settings for continued training from a published checkpoint:
   a short warmup (2% of the steps), cosine decay to a tenth, and no weight decay, which would
-  only pull trained weights towards zero."""
+  only pull trained weights towards zero. The rest are kdjax.settings.TrainSettings' defaults."""
   return dict(steps=steps, learning_rate=learning_rate, warmup_steps=max(1, steps // 50),
-              end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.95,
-              grad_accum_steps=grad_accum_steps)
+              weight_decay=0.0, grad_accum_steps=grad_accum_steps)

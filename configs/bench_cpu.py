@@ -12,7 +12,9 @@ on first use), though sized for timing, not for a good result:
   python -m kdjax.main --config=configs/bench_cpu.py --workdir=runs/bench_cpu
 """
 
-from configs import shakespeare
+from kdjax import cli
+
+shakespeare = cli.sibling_config("shakespeare", __file__)
 
 PRESETS = ("",)
 
@@ -24,14 +26,14 @@ def get_config(arg=None):
   config.data.vocab_size = 8192  # one FieldReference: teacher and student follow
   config.data.seq_len = 256
   config.data.update(dict(batch_size=8, eval_batch_size=8))
-  family = dict(activation="swiglu", norm="rmsnorm", tie_embeddings=False, head_dim=0,
-                max_len=256, dtype="float32", param_dtype="float32", logit_softcap=0.0)
+  # SwiGLU, RMSNorm, RoPE, float32 and no soft-cap are the defaults (kdjax.model.ModelConfig).
+  family = dict(tie_embeddings=False, max_len=256)
   config.teacher.update(dict(d_model=512, num_layers=8, num_heads=8, num_kv_heads=8,
                              mlp_dim=1408, **family))
   config.student.update(dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=4,
                              mlp_dim=704, **family))
   # The fused loss in chunks of 1024 tokens: 1.2x faster than full logits here (BENCHMARKS.md).
-  config.distill.update(dict(loss="forward_kl", temperature=2.0, alpha=0.5, loss_chunk_size=1024))
+  config.distill.update(dict(temperature=2.0, loss_chunk_size=1024))
   config.teacher_train.update(dict(steps=200, warmup_steps=20))
   config.student_train.update(dict(steps=200, warmup_steps=20))
   config.target.update(dict(name="2-core CPU", devices=1, processes=1, memory_gib=8.0))

@@ -20,8 +20,9 @@ it on tiny models instead.
 
 import ml_collections
 
-from configs import _hf_distill
-from kdjax import hf
+from kdjax import cli, hf
+
+_hf_distill = cli.sibling_config("_hf_distill", __file__)
 
 PRESETS = ()  # every build needs two model directories (see the docstring)
 

@@ -21,7 +21,9 @@ has not been run end to end on this config on CPU (it is far too large), only bu
 
 import ml_collections
 
-from configs import shakespeare
+from kdjax import cli
+
+shakespeare = cli.sibling_config("shakespeare", __file__)
 
 PRESETS = ("", "v5e_32")
 
@@ -30,8 +32,7 @@ def get_config(arg=None):
   # The Shakespeare config gives every field; this file changes sizes, data and placement.
   config = shakespeare.get_config()
   config.data.update(dict(
-      name="lm1b", archive="", text_key="text", train_split="train",
-      eval_split="test[5%:]", val_split="test[:5%]",  # LM1B has no validation split
+      name="lm1b", eval_split="test[5%:]", val_split="test[:5%]",  # LM1B has no validation split
       tokenizer_max_documents=2_000_000, batch_size=256, eval_batch_size=64,
       eval_batches=64, val_batches=16,
       num_shards=32,  # any process count dividing 32 sees the same batches
@@ -48,14 +49,14 @@ def get_config(arg=None):
   config.student_train.update(dict(steps=10_000, learning_rate=6e-4, warmup_steps=500))
   # 32 per-device rows x 1024 tokens x 32768 vocab would be 4 GiB of f32 logits per model: the
   # fused loss in chunks of 1024 tokens never holds them.
-  config.distill.update(dict(temperature=1.0, alpha=0.5, loss_chunk_size=1024))
+  config.distill.loss_chunk_size = 1024
   # The frozen teacher: bf16 params (half the memory), 'embed' dims over data x fsdp.
   config.frozen_teacher.update(dict(
       dtype="bfloat16", param_dtype="bfloat16",
       sharding_rules=[["batch", ["data", "fsdp"]], ["embed", ["data", "fsdp"]],
                       ["vocab", "tensor"], ["heads", "tensor"], ["kv_heads", "tensor"],
                       ["mlp", "tensor"]]))
-  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  config.mesh.update(dict(data=1, fsdp=-1))
   config.log_every = 50
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3

@@ -48,7 +48,9 @@ shardings and memory under jax.eval_shape); it has not been run.
 
 import ml_collections
 
-from configs import _hf_distill
+from kdjax import cli
+
+_hf_distill = cli.sibling_config("_hf_distill", __file__)
 
 PRESETS = ("", "v5e_32")
 

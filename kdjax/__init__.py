@@ -1,4 +1,35 @@
-"""kdjax: knowledge distillation of language models in JAX/Flax."""
+"""kdjax: knowledge distillation of language models in JAX/Flax.
+
+Tensor names carry their shapes: `q_BxLxHxK` is batch x length x query heads x head size, and
+`t_logits_BxLxV` the teacher's logits (prefix `t_` the teacher, `s_` the student). Each capital
+letter has one meaning throughout the package; module docstrings name the ones they use.
+
+  B  batch: rows of a batch
+  L  length: positions per row (the queries, in attention)
+  D  model width, d_model (D_s, D_t: the student's, the teacher's)
+  H  query heads
+  N  key/value heads
+  G  query heads per key/value head, H / N
+  K  head size, ModelConfig.head_size (head_dim if set, else d_model // num_heads)
+  F  MLP width, mlp_dim
+  V  vocabulary
+  S  layers
+  C  key/value cache slots: the keys a query attends over when decoding with a KVCache
+  T  tokens flattened to one axis: B * L (B * W within a chunk of the chunked loss)
+  M  mapped layer pairs of feature distillation (student layer, teacher layer)
+  P  prompt tokens per row
+  A  new tokens sampled after each prompt (max_new_tokens)
+  R  a sampled row: its prompt, then its new tokens, R = P + A
+  J  top-k entries per token (a teacher cache's top-k ids and log-probs; J = top_k)
+  E  sample slots per token (a teacher cache's draws for the 'sampled' estimator)
+  Q  chunks of the chunked loss
+  W  positions of a row in one chunk of the chunked loss
+  I  calibration bins (evaluate.ECE_BINS)
+  U  units (heads, MLP neurons) a pruned layer keeps
+
+A digit after a letter changes it: K2 = K / 2 (RoPE's rotated pairs), L1 = L + 1, J1 = J + 1.
+Formulas in prose keep their usual symbols: T the temperature (p_T, T^2), k the top-k count.
+"""
 
 import os as _os
 

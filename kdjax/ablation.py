@@ -14,9 +14,9 @@ differ from the base config. A point is finished when its `result.json` exists, 
 interrupted sweep resumes at the first unfinished point, and a point's own phase resumes from
 its checkpoints.
 
-`results.csv` (and `results.md`) list the finished points in sweep order with their held-out
-metrics (kdjax.evaluate): deterministic values only, so a rerun on CPU writes the same bytes.
-Wall times go to `timings.csv`.
+`results.csv` and `results.md` (kdjax.report) list the finished points in sweep order with their
+held-out metrics (kdjax.evaluate): deterministic values only, so a rerun on CPU writes the same
+bytes. Wall times go to `timings.csv`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import copy
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import re
@@ -35,12 +34,12 @@ from typing import Any
 
 import jax
 
-from kdjax import config_check, evaluate, experiment, plots, sharding
+from kdjax import config_check, evaluate, experiment, plots, preflight, sharding
 from kdjax.model import ModelConfig
+from kdjax.report import COLUMNS, write_json, write_results
+from kdjax.settings import ModelSources
 
 PHASES = ("distilled", "scratch")
-COLUMNS = ("name", "group", "phase", "overrides", "params", "train_tokens", "ppl", "loss",
-           "accuracy", "top1_agreement", "top5_agreement", "kl_to_teacher", "ece")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +56,7 @@ class Point:
 
 def points(config: Any) -> list[Point]:
   """The sweep's points, in order; a malformed point raises ConfigError naming it."""
-  sweep = config.get("sweep", None)
+  sweep = config.get("sweep")  # only a config with a sweep (an :ablate preset) has the field
   if not sweep:
     raise config_check.ConfigError(
         "config.sweep: this config has no sweep; use a preset that defines one, e.g. "
@@ -105,7 +104,7 @@ def point_config(config: Any, point: Point, teacher_dir: str) -> Any:
           "an existing field with a value of its type.") from None
   c.sweep = []
   c.mode = {"distilled": "distill", "scratch": "scratch"}[point.phase]
-  if not c.get("teacher_checkpoint") and not c.get("teacher_hf"):
+  if not ModelSources.from_config(c).teacher_given:
     c.teacher_checkpoint = teacher_dir
   return c
 
@@ -128,20 +127,21 @@ class Runner:
   def __init__(self, config: Any, workdir: str):
     self.config, self.workdir = config, os.path.abspath(workdir)
     self.points = points(config)
-    self.teacher_dir = config.get("teacher_checkpoint") or os.path.join(
+    self.teacher_dir = ModelSources.from_config(config).teacher_checkpoint or os.path.join(
         self.workdir, "teacher", "checkpoints")
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = sharding.rules_from_config(config)
     self._data, self._teacher = {}, None
 
   def check(self) -> None:
-    """Every point's config passes config_check: before the teacher or any point runs."""
+    """Every point's config passes config_check: before the teacher or any point runs (the
+    files a point reads, its teacher among them, are checked by preflight before it runs)."""
     for p in self.points:
       config_check.check_config(point_config(self.config, p, self.teacher_dir),
                                 jax.device_count(), jax.process_count())
 
   def train_teacher(self) -> None:
-    if self.config.get("teacher_checkpoint") or self.config.get("teacher_hf"):
+    if ModelSources.from_config(self.config).teacher_given:
       return
     c = copy.deepcopy(self.config)
     c.sweep, c.mode = [], "teacher"
@@ -171,10 +171,7 @@ class Runner:
     c = point_config(self.config, point, self.teacher_dir)
     directory = self.point_dir(point)
     start = time.time()
-    phases = experiment.phases_to_run(c)
-    experiment.check_resumable(c, directory, phases)
-    experiment.check_teacher_checkpoint(c, directory, phases)
-    experiment.check_teacher_sources(c, directory, phases)
+    phases = preflight.preflight(c, directory)
     os.makedirs(directory, exist_ok=True)
     data = self._data_for(c)
     (phase,) = phases
@@ -191,7 +188,7 @@ class Runner:
                train_tokens=int(c.student_train.steps) * data.tokens_per_step,
                seconds=round(time.time() - start, 1))
     if jax.process_index() == 0:
-      _write_json(os.path.join(directory, "result.json"), row)
+      write_json(os.path.join(directory, "result.json"), row)
     return row
 
   def rows(self) -> list[dict[str, Any]]:
@@ -204,59 +201,6 @@ class Runner:
                     "overrides": json.dumps(p.overrides_dict, sort_keys=True),
                     "run": run_key(self.config, p)})
     return out
-
-
-def _write_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
-
-
-def _write_text(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-
-
-def _cell(value: Any) -> str:
-  return f"{value:.6f}" if isinstance(value, float) else str(value)
-
-
-def results_csv(rows: list[dict[str, Any]]) -> str:
-  buffer = io.StringIO()
-  writer = csv.writer(buffer, lineterminator="\n")
-  writer.writerow(COLUMNS)
-  for r in rows:
-    writer.writerow([_cell(r.get(k, "")) for k in COLUMNS])
-  return buffer.getvalue()
-
-
-def results_markdown(rows: list[dict[str, Any]]) -> str:
-  """A table per group: the point, its phase, and its held-out metrics."""
-  lines = []
-  for group in dict.fromkeys(r["group"] for r in rows):
-    lines += [f"### {group or 'points'}", "",
-              "| point | phase | params | train tokens | ppl | top-1 agr. | top-5 agr. | KL | ECE |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if r["group"] == group):
-      lines.append(f"| {r['name']} | {r['phase']} | {r['params']:,} | {r['train_tokens']:,} | "
-                   f"{r['ppl']:.2f} | {r['top1_agreement']:.4f} | {r['top5_agreement']:.4f} | "
-                   f"{r['kl_to_teacher']:.4f} | {r['ece']:.4f} |")
-    lines.append("")
-  return "\n".join(lines)
-
-
-def write_results(workdir: str, rows: list[dict[str, Any]]) -> dict[str, str]:
-  """results.csv, results.md and timings.csv in the workdir (process 0; atomic)."""
-  paths = {name: os.path.join(workdir, name)
-           for name in ("results.csv", "results.md", "timings.csv")}
-  if jax.process_index() != 0:
-    return paths
-  _write_text(paths["results.csv"], results_csv(rows))
-  _write_text(paths["results.md"], results_markdown(rows))
-  _write_text(paths["timings.csv"], "name,run,seconds\n" + "".join(
-      f"{r['name']},{r['run']},{r.get('seconds', '')}\n" for r in rows))
-  return paths
 
 
 def report(runner: Runner) -> list[str]:

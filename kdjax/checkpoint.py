@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from kdjax.cli import one_line
 from kdjax.state import TrainState
 
 ITEMS = ("params", "train", "data", "config")
@@ -158,7 +159,7 @@ class PhaseCheckpoints:
         state, data_state = self.restore(step, state_like, shardings)
         return step, state, data_state
       except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        error = f"{type(e).__name__}: {one_line(e, 200)}"
         reason = damage(os.path.join(self.directory, str(step)), e)
         if reason is None:
           raise CheckpointUnreadable(

@@ -1,7 +1,8 @@
 """Checks a run's config before anything is built or compiled.
 
 Each problem raises `ConfigError` whose message is one line naming the field and the fix; main.py
-prints it without a traceback. Type errors and unknown keys in `--config.x=y` overrides are
+prints it without a traceback. kdjax.preflight runs these checks of values first, then its checks
+of the files a run reads. Type errors and unknown keys in `--config.x=y` overrides are
 already refused by ml_collections' locked config at flag parsing.
 """
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 
 from kdjax import losses, schedules, sharding
 from kdjax.model import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, ModelConfig
+from kdjax.settings import FrozenTeacher, distill_fields
 from kdjax.teacher_cache import estimators as cache_estimators
 
 MODES = ("experiment", "teacher", "distill", "scratch", "eval")
@@ -82,7 +84,8 @@ def check_model(cfg: Any, prefix: str) -> ModelConfig:
            f"{m.num_heads} does not divide d_model={m.d_model}; pick a divisor or set head_dim.")
   _require(m.num_heads % m.num_kv_heads == 0, f"{prefix}.num_kv_heads",
            f"{m.num_kv_heads} does not divide num_heads={m.num_heads}; pick a divisor.")
-  _require(m.k % 2 == 0, f"{prefix}.head_dim", f"RoPE needs an even head dim, got {m.k}.")
+  _require(m.head_size % 2 == 0, f"{prefix}.head_dim",
+           f"RoPE needs an even head dim, got {m.head_size}.")
   _require(m.activation in ACTIVATIONS, f"{prefix}.activation",
            f"unknown {m.activation!r}; use one of {ACTIVATIONS}.")
   _require(m.norm in NORMS, f"{prefix}.norm", f"unknown {m.norm!r}; use one of {NORMS}.")
@@ -170,26 +173,23 @@ def _check_rules(rules: Any, field: str) -> None:
 
 
 def _check_frozen_teacher(config: Any) -> None:
-  frozen = config.get("frozen_teacher", None)
-  if frozen is None:
-    return
+  frozen = FrozenTeacher.from_config(config)
   for field in ("dtype", "param_dtype"):
-    value = frozen.get(field, "")
+    value = getattr(frozen, field)
     _require(value == "" or _is_float_dtype(value), f"frozen_teacher.{field}",
              f"{value!r} is not a float dtype; use '' (as trained), float32 or bfloat16.")
-  _check_rules(frozen.get("sharding_rules", []), "frozen_teacher.sharding_rules")
+  _check_rules(frozen.sharding_rules, "frozen_teacher.sharding_rules")
 
 
-def _check_features(d: Any, teacher: ModelConfig, student: ModelConfig) -> None:
-  """Feature-distillation fields and the loss schedules of config.distill (kdjax.features,
-  kdjax.schedules); a config from before they existed (no such fields) passes unchanged."""
+def _check_features(d: dict[str, Any], teacher: ModelConfig, student: ModelConfig) -> None:
+  """Feature-distillation fields of config.distill (kdjax.features); `d` has every field
+  (settings.distill_fields)."""
   for field in ("feature_weight", "attention_weight"):
-    value = d.get(field, 0.0)
-    _require(value >= 0, f"distill.{field}", f"must be >= 0 (0 = off), got {value}.")
-  kind = d.get("feature_loss", "mse")
+    _require(d[field] >= 0, f"distill.{field}", f"must be >= 0 (0 = off), got {d[field]}.")
+  kind = d["feature_loss"]
   _require(kind in losses.HIDDEN_LOSSES, "distill.feature_loss",
            f"unknown {kind!r}; use one of {losses.HIDDEN_LOSSES}.")
-  for pair in d.get("feature_layers", ()):
+  for pair in d["feature_layers"]:
     ok = (isinstance(pair, (list, tuple)) and len(pair) == 2
           and all(isinstance(x, int) and not isinstance(x, bool) for x in pair))
     _require(ok, "distill.feature_layers",
@@ -198,63 +198,61 @@ def _check_features(d: Any, teacher: ModelConfig, student: ModelConfig) -> None:
              "distill.feature_layers",
              f"pair {tuple(pair)} is out of range: student layers are 0..{student.num_layers - 1}"
              f", teacher layers 0..{teacher.num_layers - 1}.")
+
+
+def _check_schedules(d: dict[str, Any]) -> None:
+  """The loss schedules of config.distill (kdjax.schedules)."""
   for name, (in_range, wording) in _SCHEDULED.items():
-    sched = d.get(f"{name}_schedule", None)
-    if sched is None:
-      continue
-    field = f"distill.{name}_schedule"
-    _require(sched.get("kind", "constant") in schedules.KINDS, f"{field}.kind",
-             f"unknown {sched.get('kind')!r}; use one of {schedules.KINDS}.")
-    if sched.get("kind", "constant") == "constant":
+    sched, field = d[f"{name}_schedule"], f"distill.{name}_schedule"
+    _require(sched["kind"] in schedules.KINDS, f"{field}.kind",
+             f"unknown {sched['kind']!r}; use one of {schedules.KINDS}.")
+    if sched["kind"] == "constant":
       continue  # end and steps are unused
-    _require(in_range(sched.get("end", 0.0)), f"{field}.end",
-             f"{wording} like distill.{name} (got {sched.get('end')}).")
-    _require(sched.get("steps", 0) >= 0, f"{field}.steps",
-             f"must be >= 0 (0 = the whole phase), got {sched.get('steps')}.")
+    _require(in_range(sched["end"]), f"{field}.end",
+             f"{wording} like distill.{name} (got {sched['end']}).")
+    _require(sched["steps"] >= 0, f"{field}.steps",
+             f"must be >= 0 (0 = the whole phase), got {sched['steps']}.")
 
 
-def _check_teacher_sources(d: Any, seq_len: int) -> None:
-  """The teacher cache, on-policy and sequence-level fields of config.distill (absent in configs
-  from before they existed)."""
-  fraction = d.get("on_policy_fraction", 0.0)
+def _check_teacher_sources(d: dict[str, Any], seq_len: int) -> None:
+  """The teacher cache, on-policy and sequence-level fields of config.distill; `d` has every
+  field (settings.distill_fields)."""
+  fraction = d["on_policy_fraction"]
   _require(0 <= fraction <= 1, "distill.on_policy_fraction",
            f"must be in [0, 1] (0 = off), got {fraction}.")
   if fraction > 0:
-    p, n = d.get("on_policy_prompt_tokens", 32), d.get("on_policy_new_tokens", 0)
+    p, n = d["on_policy_prompt_tokens"], d["on_policy_new_tokens"]
     _require(1 <= p <= seq_len, "distill.on_policy_prompt_tokens",
              f"{p} must be in [1, data.seq_len={seq_len}].")
     _require(0 <= n <= seq_len + 1 - p, "distill.on_policy_new_tokens",
              f"{n} must be in [0, data.seq_len + 1 - on_policy_prompt_tokens = "
              f"{seq_len + 1 - p}] (0 fills the row).")
-    _require(d.get("on_policy_temperature", 1.0) > 0, "distill.on_policy_temperature",
+    _require(d["on_policy_temperature"] > 0, "distill.on_policy_temperature",
              "must be positive (the student samples; 1 is its own distribution).")
-  if not d.get("teacher_cache", ""):
+  if not d["teacher_cache"]:
     return
-  estimator = d.get("cache_estimator", "topk_residual")
+  estimator = d["cache_estimator"]
   _require(estimator in cache_estimators.NEEDS, "distill.cache_estimator",
            f"unknown {estimator!r}; use one of {tuple(cache_estimators.NEEDS)}.")
-  clash = [("loss", d.loss != "forward_kl", "the cache estimators estimate forward_kl"),
-           ("loss_chunk_size", d.get("loss_chunk_size", 0) > 0, "it chunks live teacher logits"),
-           ("feature_weight", d.get("feature_weight", 0.0) > 0, "hidden states are not cached"),
-           ("attention_weight", d.get("attention_weight", 0.0) > 0,
-            "attention maps are not cached"),
+  clash = [("loss", d["loss"] != "forward_kl", "the cache estimators estimate forward_kl"),
+           ("loss_chunk_size", d["loss_chunk_size"] > 0, "it chunks live teacher logits"),
+           ("feature_weight", d["feature_weight"] > 0, "hidden states are not cached"),
+           ("attention_weight", d["attention_weight"] > 0, "attention maps are not cached"),
            ("on_policy_fraction", fraction > 0, "the student's samples need a live teacher"),
-           ("sequence_data", bool(d.get("sequence_data", "")),
+           ("sequence_data", bool(d["sequence_data"]),
             "the cache holds the train split's batches")]
   for field, bad, why in clash:
     _require(not bad, "distill.teacher_cache",
-             f"cannot be combined with distill.{field}={d.get(field)!r} ({why}); set "
+             f"cannot be combined with distill.{field}={d[field]!r} ({why}); set "
              "teacher_cache='' for a live teacher or restore that field's default.")
-  sched = d.get("temperature_schedule", None)
-  _require(estimator != "sampled" or sched is None or sched.get("kind", "constant") == "constant",
+  _require(estimator != "sampled" or d["temperature_schedule"]["kind"] == "constant",
            "distill.temperature_schedule",
            "the 'sampled' cache estimator is unbiased only at the temperature its draws were "
            "made at; keep the temperature constant or use a top-k estimator.")
 
 
 def _check_run_settings(config: Any) -> None:
-  wandb = config.get("wandb", None)
-  if wandb is not None and wandb.get("enabled", False):
+  if config.wandb.enabled:
     import importlib.util
     _require(importlib.util.find_spec("wandb") is not None, "wandb.enabled",
              "Weights & Biases is not installed; `pip install wandb` (and `wandb login`), or "
@@ -270,26 +268,20 @@ def _check_run_settings(config: Any) -> None:
            f"must be in [0, vocab_size] (0 disables top-k), got {config.sample_top_k}.")
 
 
-def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
-  """Raises ConfigError on the first problem found."""
-  _require(config.mode in MODES, "mode", f"unknown {config.mode!r}; use one of {MODES}.")
-  d = config.distill
-  _require(d.loss in losses.DIVERGENCES, "distill.loss",
-           f"unknown loss {d.loss!r}; use one of {sorted(losses.DIVERGENCES)}.")
-  _require(d.temperature > 0, "distill.temperature",
-           f"must be positive (got {d.temperature}); 1 is plain softmax, 2-4 softens targets.")
-  _require(0 <= d.alpha <= 1, "distill.alpha",
-           f"must be in [0, 1] (got {d.alpha}); it weights the soft loss against cross-entropy.")
-  _require(0 <= d.beta <= 1, "distill.beta", f"must be in [0, 1] (got {d.beta}).")
-  _require(0 <= d.skew < 1, "distill.skew", f"must be in [0, 1) (got {d.skew}).")
-  _require(d.get("loss_chunk_size", 0) >= 0, "distill.loss_chunk_size",
-           f"must be >= 0 (0 = unchunked), got {d.get('loss_chunk_size', 0)}.")
+def _check_loss(d: dict[str, Any]) -> None:
+  _require(d["loss"] in losses.DIVERGENCES, "distill.loss",
+           f"unknown loss {d['loss']!r}; use one of {sorted(losses.DIVERGENCES)}.")
+  _require(d["temperature"] > 0, "distill.temperature",
+           f"must be positive (got {d['temperature']}); 1 is plain softmax, 2-4 softens targets.")
+  _require(0 <= d["alpha"] <= 1, "distill.alpha",
+           f"must be in [0, 1] (got {d['alpha']}); it weights the soft loss against cross-entropy.")
+  _require(0 <= d["beta"] <= 1, "distill.beta", f"must be in [0, 1] (got {d['beta']}).")
+  _require(0 <= d["skew"] < 1, "distill.skew", f"must be in [0, 1) (got {d['skew']}).")
+  _require(d["loss_chunk_size"] >= 0, "distill.loss_chunk_size",
+           f"must be >= 0 (0 = unchunked), got {d['loss_chunk_size']}.")
 
-  teacher = check_model(config.teacher, "teacher")
-  student = check_model(config.student, "student")
-  _check_features(d, teacher, student)
-  _check_teacher_sources(d, config.data.seq_len)
-  data = config.data
+
+def _check_data(data: Any, teacher: ModelConfig, student: ModelConfig) -> None:
   # Vocabularies may differ by padding rows only: every tokenizer id must index both models.
   _require(data.vocab_size <= teacher.vocab_size, "data.vocab_size",
            f"{data.vocab_size} is above teacher.vocab_size={teacher.vocab_size}; set it to the "
@@ -308,6 +300,11 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
   _require(data.seq_len > 0 and data.batch_size > 0, "data.batch_size",
            "batch_size and seq_len must be positive.")
 
+
+def _check_placement(config: Any, num_devices: int, num_processes: int) -> int:
+  """The mesh over `num_devices`, and the batches and data streams over it; returns the
+  data-parallel size (mesh.data x mesh.fsdp)."""
+  data = config.data
   try:
     mesh = sharding.mesh_shape(config.mesh, num_devices)
   except ValueError as e:
@@ -317,14 +314,29 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
     _require(data[field] % dp == 0, f"data.{field}",
              f"{data[field]} is not divisible by the data-parallel size {dp} "
              "(mesh.data x mesh.fsdp); use a multiple of it.")
-  shards = int(data.get("num_shards", 1))
+  shards = int(data.num_shards)
   _require(shards >= 1 and data.batch_size % shards == 0, "data.num_shards",
            f"{shards} must be >= 1 and divide batch_size={data.batch_size}.")
   _require(shards % num_processes == 0, "data.num_shards",
            f"{shards} is not a multiple of the {num_processes} processes; set it to a multiple "
            f"(each process reads num_shards / {num_processes} of the data streams).")
-  _check_rules(config.get("sharding_rules", []), "sharding_rules")
+  return dp
+
+
+def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
+  """Raises ConfigError on the first problem found."""
+  _require(config.mode in MODES, "mode", f"unknown {config.mode!r}; use one of {MODES}.")
+  d = distill_fields(config.distill)
+  _check_loss(d)
+  teacher = check_model(config.teacher, "teacher")
+  student = check_model(config.student, "student")
+  _check_features(d, teacher, student)
+  _check_schedules(d)
+  _check_teacher_sources(d, config.data.seq_len)
+  _check_data(config.data, teacher, student)
+  dp = _check_placement(config, num_devices, num_processes)
+  _check_rules(config.sharding_rules, "sharding_rules")
   _check_frozen_teacher(config)
-  check_train(config.teacher_train, "teacher_train", data.batch_size, dp)
-  check_train(config.student_train, "student_train", data.batch_size, dp)
+  check_train(config.teacher_train, "teacher_train", config.data.batch_size, dp)
+  check_train(config.student_train, "student_train", config.data.batch_size, dp)
   _check_run_settings(config)

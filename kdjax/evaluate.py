@@ -11,6 +11,9 @@ boundaries.
                   max_v p(v) in ECE_BINS equal-width bins on [0, 1], sum over bins of
                   (tokens in bin / tokens) |accuracy in bin - mean confidence in bin|
 
+Shape letters as in the glossary of kdjax/__init__.py: B batch, L length, V vocab, I the ECE_BINS
+calibration bins.
+
 Every process holds the same eval batches in full. Given a `Placement` (mesh and rules), each batch
 becomes a global array split over (data, fsdp) and the step traces under the mesh, so evaluation
 is data-parallel and works on many hosts; the returned sums are scalars every process can read.
@@ -99,17 +102,17 @@ def calibration_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
   conf_BxL = jnp.max(probs_BxLxV, axis=-1)
   correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
   bin_BxL = jnp.minimum((conf_BxL * ECE_BINS).astype(jnp.int32), ECE_BINS - 1)
-  onehot_BxLxE = jax.nn.one_hot(bin_BxL, ECE_BINS) * (mask_BxL != 0)[..., None]
-  return {"ece_count": jnp.sum(onehot_BxLxE, axis=(0, 1)),
-          "ece_conf": jnp.einsum("ble,bl->e", onehot_BxLxE, conf_BxL),
-          "ece_correct": jnp.einsum("ble,bl->e", onehot_BxLxE, correct_BxL)}
+  onehot_BxLxI = jax.nn.one_hot(bin_BxL, ECE_BINS) * (mask_BxL != 0)[..., None]
+  return {"ece_count": jnp.sum(onehot_BxLxI, axis=(0, 1)),
+          "ece_conf": jnp.einsum("bli,bl->i", onehot_BxLxI, conf_BxL),
+          "ece_correct": jnp.einsum("bli,bl->i", onehot_BxLxI, correct_BxL)}
 
 
-def expected_calibration_error(count_E, conf_E, correct_E) -> float:
-  count_E, conf_E, correct_E = (np.asarray(x, np.float64) for x in (count_E, conf_E, correct_E))
-  safe_E = np.maximum(count_E, 1.0)
-  gap_E = np.abs(correct_E / safe_E - conf_E / safe_E)
-  return float(np.sum(count_E * gap_E) / max(np.sum(count_E), 1.0))
+def expected_calibration_error(count_I, conf_I, correct_I) -> float:
+  count_I, conf_I, correct_I = (np.asarray(x, np.float64) for x in (count_I, conf_I, correct_I))
+  safe_I = np.maximum(count_I, 1.0)
+  gap_I = np.abs(correct_I / safe_I - conf_I / safe_I)
+  return float(np.sum(count_I * gap_I) / max(np.sum(count_I), 1.0))
 
 
 @functools.lru_cache(maxsize=8)

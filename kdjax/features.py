@@ -26,7 +26,9 @@ uniform map (`uniform_layer_map`), one pair per student layer. Both terms use th
 Cost: the hidden term keeps every layer's S x B x L x D states of both models, the attention term
 every layer's S x B x L x L float32 maps plus an extra B x H x L x L softmax per layer (the fused
 attention kernel exposes no probabilities); the mapped layers are picked after the scan.
-Shape letters as in kdjax.model; M mapped layer pairs, P = M projections.
+Shape letters as in the glossary of kdjax/__init__.py: S layers, B batch, L length, D width (D_s,
+D_t the student's and the teacher's), H query heads, N key/value heads, M mapped layer pairs (one
+projection each).
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import losses, schedules
-from kdjax.model import ATTENTION_MAPS, ModelConfig, _LogicalAxes, collected_attention
+from kdjax import losses
+from kdjax.layers import LogicalAxes
+from kdjax.model import ATTENTION_MAPS, ModelConfig, collected_attention
 
-# Logical axes of the projection kernel PxD_sxD_t: one per pair (unsharded, like stacked layers),
+# Logical axes of the projection kernel MxD_sxD_t: one per pair (unsharded, like stacked layers),
 # the student's width sharded as its params' 'embed', the teacher's width replicated by default.
 PROJECTION_AXES = ("layers", "embed", "teacher_embed")
 
@@ -76,12 +79,9 @@ class FeaturePlan:
 
 
 def terms_on(distill: Any) -> tuple[bool, bool]:
-  """(hidden, attention): which terms `distill` (train.DistillSettings) asks for. A term is off
-  at weight 0, and the hidden one also needs its schedule never to leave 0."""
-  if distill is None:
-    return False, False
-  hidden = schedules.bounds(distill.feature_weight_schedule, distill.feature_weight)[1] > 0
-  return hidden, distill.attention_weight > 0
+  """(hidden, attention): which terms `distill` (settings.DistillSettings) asks for; see
+  DistillSettings.feature_terms."""
+  return (False, False) if distill is None else distill.feature_terms
 
 
 def make_plan(distill: Any, s_cfg: ModelConfig, t_cfg: ModelConfig | None) -> FeaturePlan | None:
@@ -103,12 +103,12 @@ def make_plan(distill: Any, s_cfg: ModelConfig, t_cfg: ModelConfig | None) -> Fe
 
 
 def init_projection(plan: FeaturePlan, rng: jax.Array) -> dict[str, Any]:
-  """{'kernel': PxD_sxD_t} (boxed with PROJECTION_AXES), LeCun normal over the student's width,
+  """{'kernel': MxD_sxD_t} (boxed with PROJECTION_AXES), LeCun normal over the student's width,
   so a projected state starts at about the student's own scale."""
   init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
                                           out_axis=-1, batch_axis=(0,))
-  kernel_PxDsxDt = init(rng, (len(plan.s_layers), plan.s_width, plan.t_width), jnp.float32)
-  return {"kernel": _LogicalAxes(kernel_PxDsxDt, PROJECTION_AXES)}
+  kernel_MxDsxDt = init(rng, (len(plan.s_layers), plan.s_width, plan.t_width), jnp.float32)
+  return {"kernel": LogicalAxes(kernel_MxDsxDt, PROJECTION_AXES)}
 
 
 def project(projection: dict[str, Any], s_hidden_MxBxLxD: jax.Array) -> jax.Array:

@@ -1,6 +1,7 @@
 """On-policy distillation (GKD, Agarwal et al. 2024): the student also learns on its own samples.
 
-Shape letters: B batch, L length, P prompt tokens, N new tokens, T = P + N.
+Shape letters (the glossary is in kdjax/__init__.py): B batch, L length, L1 = L + 1, P prompt
+tokens, A new (sampled) tokens, R = P + A a sampled row.
 
 With probability lambda = config.distill.on_policy_fraction, drawn afresh for every step from the
 train state's key (one coin for all micro-batches of a step, so gradient accumulation does not
@@ -18,8 +19,8 @@ no gradient flows through the sampling, as in GKD.
 An on-policy batch keeps the data batch's shape [B, L]. Row b's prompt is the first P tokens of
 the data row b, cut to the document that holds its last token (a packed row may start with the
 end of another document; that part becomes padding, so neither model sees a context it was never
-trained on). Then come N sampled tokens, then padding (segment 0) to L + 1 tokens. The loss
-counts the predictions of sampled tokens (targets P .. T - 1) up to and including the first
+trained on). Then come A sampled tokens, then padding (segment 0) to L + 1 tokens. The loss
+counts the predictions of sampled tokens (targets P .. R - 1) up to and including the first
 sampled EOS: text after a document's end is not the student's continuation of it. The student
 samples only ids below `vocab_size` (the tokenizer's ids that both models share), never padding
 rows of its vocabulary, which the teacher could not score.
@@ -27,7 +28,6 @@ rows of its vocabulary, which the teacher could not score.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -35,27 +35,9 @@ import jax.numpy as jnp
 
 from kdjax import sample, sharding
 from kdjax.model import ModelConfig
+from kdjax.settings import OnPolicy  # defined with the other settings; gkd.OnPolicy too
 
 Batch = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class OnPolicy:
-  fraction: float  # lambda: the probability that a batch is the student's own samples
-  prompt_tokens: int  # P, cut from the start of each data row
-  new_tokens: int = 0  # N; 0 = fill the row: N = L + 1 - P
-  temperature: float = 1.0  # the student's sampling temperature (GKD samples at 1)
-  vocab_size: int = 0  # ids the student may sample; 0 = the smaller of the two models' vocabs
-  eos_id: int = -1  # the tokenizer's EOS: predictions after a sampled one are not scored
-
-  def lengths(self, seq_len: int) -> tuple[int, int]:
-    """(P, N) for rows of `seq_len` tokens."""
-    n = self.new_tokens or seq_len + 1 - self.prompt_tokens
-    if not 1 <= self.prompt_tokens <= seq_len or n < 1 or self.prompt_tokens + n > seq_len + 1:
-      raise ValueError(f"on-policy prompt_tokens={self.prompt_tokens} and new_tokens="
-                       f"{self.new_tokens} do not fit rows of {seq_len} tokens: need "
-                       f"1 <= P <= {seq_len} and 1 <= N <= {seq_len} + 1 - P.")
-    return self.prompt_tokens, n
 
 
 def prompt_lengths(segment_ids_BxL: jax.Array, prompt_tokens: int) -> jax.Array:
@@ -76,18 +58,18 @@ def student_batch(s_cfg: ModelConfig, params: Any, batch: Batch, key: jax.Array,
   """The batch of the student's continuations of prompts cut from `batch` (see the module doc)."""
   inputs_BxL = batch["inputs"]
   b, l = inputs_BxL.shape
-  p, n = settings.lengths(l)
+  p, a = settings.lengths(l)
   lengths_B = prompt_lengths(batch["segment_ids"], p)
   with sharding.activation_rules(rules):
-    tokens_BxT = sample.decode(jax.lax.stop_gradient(params), inputs_BxL[:, :p], lengths_B, key,
-                               cfg=s_cfg, max_new_tokens=n, temperature=settings.temperature,
+    tokens_BxR = sample.decode(jax.lax.stop_gradient(params), inputs_BxL[:, :p], lengths_B, key,
+                               cfg=s_cfg, max_new_tokens=a, temperature=settings.temperature,
                                vocab_limit=settings.vocab_size)
-  t = p + n
-  tokens_BxL1 = jnp.pad(tokens_BxT, ((0, 0), (0, l + 1 - t)))
+  r = p + a
+  tokens_BxL1 = jnp.pad(tokens_BxR, ((0, 0), (0, l + 1 - r)))
   index_L = jnp.arange(l)
   start_Bx1 = (p - lengths_B)[:, None]  # the prompt's first real column
-  # Inputs start_b .. T - 2 are real and predict start_b + 1 .. T - 1.
-  real_BxL = (index_L[None, :] >= start_Bx1) & (index_L < t - 1)[None, :]
+  # Inputs start_b .. R - 2 are real and predict start_b + 1 .. R - 1.
+  real_BxL = (index_L[None, :] >= start_Bx1) & (index_L < r - 1)[None, :]
   targets_BxL = tokens_BxL1[:, 1:]
   scored_BxL = real_BxL & (index_L >= p - 1)[None, :]
   if settings.eos_id >= 0:  # keep the first sampled EOS, drop what follows it

@@ -107,7 +107,7 @@ class PhaseSpec:
   phase: str  # 'teacher', 'distilled', 'scratch' or an ablation point's name
   phase_dir: str  # metrics.jsonl, tensorboard/ and checkpoints/ live here
   model_cfg: ModelConfig
-  train_cfg: Any  # steps, learning rate, ... (kdjax.optim reads it)
+  train_cfg: Any  # settings.TrainSettings, or a section with its fields (kdjax.optim)
   seed: int
   mesh: Any
   rules: Any
@@ -175,7 +175,7 @@ def train_phase(spec: PhaseSpec) -> PhaseResult:
   step_fn = train.jit_train_step(
       train.make_train_step(spec.model_cfg, tx, schedule, t_cfg=teacher and teacher.cfg,
                             distill=distill,
-                            grad_accum_steps=int(spec.train_cfg.get("grad_accum_steps", 1)),
+                            grad_accum_steps=int(spec.train_cfg.grad_accum_steps),
                             rules=rules, t_rules=teacher and (teacher.rules or rules)),
       state_shardings, teacher.shardings if teacher else None, mesh)
   # Every process computes the same replicated metrics; only process 0 writes them.

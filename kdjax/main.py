@@ -18,6 +18,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from kdjax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/shakespeare.py:smoke.",
     lock_config=True)
@@ -30,11 +32,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id, 0..N-1.")
 
 
-def _fail(message: str) -> None:
-  print(f"kdjax: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with every config-override problem turned into one line."""
   try:
@@ -45,16 +42,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
       last = [l for l in message.splitlines() if l.strip()][-1].strip()  # "pkg.Error: why"
       reason = last.split(": ", 1)[1] if ": " in last else last
       message = f"{message.split(': ', 1)[0]}: {reason.rstrip('.')}"
-    _fail(f"{message}; fix the flag (run with --helpshort to list flags).")
+    cli.fail(f"{message}; fix the flag (run with --helpshort to list flags).")
   except (AttributeError, KeyError) as e:
     # ml_collections: an override names a field the locked config does not have.
     raw = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
     detail = " ".join(raw.replace("\\", "").replace("'", "").split())
-    _fail(f"--config override: unknown config field: {detail} Only fields defined in the "
-          "config file can be set.")
+    cli.fail(f"--config override: unknown config field: {detail} Only fields defined in the "
+             "config file can be set.")
   except (TypeError, ValueError) as e:
-    _fail(f"--config: {' '.join(str(e).split())}; check the config file, preset and overrides.")
-  return []  # unreachable: _fail exits
+    cli.fail(f"--config: {cli.one_line(e)}; check the config file, preset and overrides.")
+  return []  # unreachable: cli.fail exits
 
 
 def _check_writable(workdir: str) -> None:
@@ -64,63 +61,62 @@ def _check_writable(workdir: str) -> None:
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".kdjax-write-check-"):
       pass
   except OSError as e:
-    _fail(f"--workdir: {workdir} is not a writable directory ({e.strerror or e}); choose another.")
+    cli.fail(f"--workdir: {workdir} is not a writable directory ({e.strerror or e}); choose "
+             "another.")
 
 
 def main(argv) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value.")
+    cli.fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value.")
   # Imported here so that `--help` and flag errors come before JAX starts.
-  import jax
-
-  from kdjax import config_check, distributed, experiment, loop
+  from kdjax import config_check, distributed, experiment, loop, preflight
 
   config = _CONFIG.value
   if config is None:
-    _fail("--config is required, e.g. --config=configs/shakespeare.py.")
+    cli.fail("--config is required, e.g. --config=configs/shakespeare.py.")
   if not _WORKDIR.value:
-    _fail("--workdir is required, e.g. --workdir=runs/shakespeare.")
+    cli.fail("--workdir is required, e.g. --workdir=runs/shakespeare.")
   # Orbax and TFDS log routine progress through absl at INFO/WARNING; users see kdjax's own output.
   absl_logging.set_verbosity(absl_logging.INFO if _VERBOSE.value else absl_logging.ERROR)
   given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if any(v is not None for v in given) and not distributed.cluster_detected():
     if not all(v is not None for v in given):
-      _fail("--coordinator_address, --num_processes and --process_id go together outside "
-            "TPU/SLURM clusters; give all three (the same address on every host).")
+      cli.fail("--coordinator_address, --num_processes and --process_id go together outside "
+               "TPU/SLURM clusters; give all three (the same address on every host).")
     if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-      _fail(f"--process_id: {_PROCESS_ID.value} is not in [0, --num_processes="
-            f"{_NUM_PROCESSES.value}); number the processes 0..N-1.")
+      cli.fail(f"--process_id: {_PROCESS_ID.value} is not in [0, --num_processes="
+               f"{_NUM_PROCESSES.value}); number the processes 0..N-1.")
   try:
     distributed.initialize(*given)
   except (RuntimeError, ValueError) as e:
     if _VERBOSE.value:
       raise
-    _fail(f"jax.distributed.initialize: {' '.join(str(e).split())[:300]}; check the "
-          "coordinator address (reachable from every host) and the process flags.")
+    cli.fail(f"jax.distributed.initialize: {cli.one_line(e, 300)}; check the "
+             "coordinator address (reachable from every host) and the process flags.")
   if not _VERBOSE.value:
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
-  try:
-    config_check.check_config(config, jax.device_count(), jax.process_count())
-  except config_check.ConfigError as e:
-    if _VERBOSE.value:
-      raise
-    _fail(str(e))
   workdir = os.path.abspath(_WORKDIR.value)
   try:
+    phases = preflight.preflight(config, workdir)  # before any data or compile work
     _check_writable(workdir)
-    experiment.run(config, workdir)
+    experiment.run(config, workdir, phases)
   except loop.Preempted as e:
     print(f"kdjax: {e}", file=sys.stderr)
     sys.exit(143)  # 128 + SIGTERM, what schedulers expect from a preempted job
   except (OSError, RuntimeError, ValueError) as e:
-    # ConfigError (a ValueError) from resume checks, missing files, a failed corpus download.
+    # ConfigError (a ValueError) from preflight, missing files, a failed corpus download.
     if _VERBOSE.value:
       raise
-    _fail(" ".join(str(e).split()) if isinstance(e, config_check.ConfigError)
-          else f"{type(e).__name__}: {' '.join(str(e).split())}")
+    cli.fail(cli.one_line(e) if isinstance(e, config_check.ConfigError)
+             else f"{type(e).__name__}: {cli.one_line(e)}")
+
+
+def run() -> None:
+  """The `kdjax` console script: the same as `python -m kdjax.main`."""
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=_parse_flags)
+  run()

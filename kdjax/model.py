@@ -4,9 +4,9 @@ Teacher and student are the same code with different `ModelConfig`s:
 
     logits_BxLxV = Transformer(cfg).apply({'params': params}, tokens_BxL)
 
-Shape letters: B batch, L length, T = B * L tokens, D model width, H query heads, N key/value
-heads, G = H / N query heads per key/value head, K head dim, F mlp width, V vocab, S layers,
-C key/value cache slots.
+Shape letters as in the glossary of kdjax/__init__.py: B batch, L length, D model width, N key/value
+heads, K head size (`ModelConfig.head_size`; K2 = K / 2), V vocab, S layers, C key/value cache
+slots.
 
 For generation (kdjax.sample) the same module, with the same params, also runs incrementally:
 
@@ -18,7 +18,8 @@ writes the L tokens' keys and values into a `KVCache` and attends over every slo
 Every param carries logical axis names ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
 'layers', 'positions') so that shardings are derived from rules in the config, never written per parameter.
 Attention softmax runs in float32 whatever `dtype` is; the layers run under `nn.scan`, so compile
-time does not grow with depth.
+time does not grow with depth. The attention maths (RoPE, masks, grouped-query attention) lives in
+kdjax.attention; norms, the MLP and the logical-axis boxing of params in kdjax.layers.
 
 The optional features (biases, q/k norms, (1 + w) norms, post-norms, scaled embeddings, query
 scaling, attention soft-capping, sliding-window layers, Llama 3 RoPE scaling, learned positions)
@@ -34,6 +35,10 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from kdjax.attention import (ATTENTION_MAPS, Attention, attention_mask, cached_attention_mask,
+                             local_mask, rope_frequencies, rope_tables)
+from kdjax.layers import Mlp, dense_init, make_norm, partitioned
 
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")  # gelu is the tanh approximation
 POSITION_EMBEDDINGS = ("rope", "learned")
@@ -83,7 +88,8 @@ class ModelConfig:
   family: str = ""  # the Hugging Face model_type it came from and exports as; '' = llama
 
   @property
-  def k(self) -> int:
+  def head_size(self) -> int:
+    """K, the width of one attention head: `head_dim` if set, else d_model // num_heads."""
     return self.head_dim or self.d_model // self.num_heads
 
   @classmethod
@@ -122,267 +128,10 @@ class KVCache(NamedTuple):
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
-    kv = jnp.zeros((cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.k), jnp.dtype(cfg.dtype))
+    kv = jnp.zeros((cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_size),
+                   jnp.dtype(cfg.dtype))
     slots = jnp.zeros((batch, length), jnp.int32)
     return cls(kv, kv, slots, slots, jnp.zeros((), jnp.int32))
-
-
-def _dense_init():
-  # LeCun normal. DenseGeneral initialises its kernel flattened to 2-D (contracted x output), so
-  # fan-in over axis -2 is right for DxHxK and HxKxD kernels alike.
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-
-
-class _LogicalAxes(nn.LogicallyPartitioned):
-  """A param's logical axis names, kept as metadata and never applied as a constraint on unbox.
-
-  kdjax places params through jit out_shardings (train.init_params), so constraints on unbox add
-  nothing, and they break: DenseGeneral initialises its kernel flat (2-D) and unboxes it before
-  reshaping, and Flax re-runs that init under eval_shape on every apply to check shapes, so inside
-  a mesh context a 3-name constraint would hit a 2-D value.
-  """
-
-  def unbox(self, apply_constraint=True):
-    del apply_constraint
-    return self.value
-
-
-def _partitioned(init, names):
-  def boxed_init(*args, **kwargs):
-    return _LogicalAxes(init(*args, **kwargs), names)
-  return boxed_init
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm over the last axis in float32; `plus_one` scales by (1 + w) (Gemma)."""
-
-  eps: float = 1e-6
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  plus_one: bool = False
-  axis_name: str = "embed"
-
-  @nn.compact
-  def __call__(self, x_BxLxD):
-    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
-    scale_D = self.param("scale", _partitioned(init, (self.axis_name,)),
-                         (x_BxLxD.shape[-1],), self.param_dtype)
-    x = x_BxLxD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    scale = scale_D.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return (x * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
-
-
-def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
-  dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-  if cfg.norm == "rmsnorm":
-    return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
-                   plus_one=cfg.norm_plus_one, name=name)
-  return nn.LayerNorm(
-      epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
-      scale_init=_partitioned(nn.initializers.ones, ("embed",)),
-      bias_init=_partitioned(nn.initializers.zeros, ("embed",)))
-
-
-def rope_frequencies(cfg: ModelConfig):
-  """inv_freq_K2, with Llama 3's scaling when `cfg.rope_scaling` > 0: wavelengths longer than
-  original_max_len / low_freq_factor slow down by the factor, shorter than original_max_len /
-  high_freq_factor stay, and those between blend smoothly."""
-  k = cfg.k
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
-  if cfg.rope_scaling <= 0:
-    return inv_freq
-  factor, low, high = cfg.rope_scaling, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-  wavelen = 2 * jnp.pi / inv_freq
-  scaled = jnp.where(wavelen > cfg.rope_original_max_len / low, inv_freq / factor, inv_freq)
-  smooth = (cfg.rope_original_max_len / wavelen - low) / (high - low)
-  blended = (1 - smooth) * scaled / factor + smooth * scaled
-  medium = (wavelen >= cfg.rope_original_max_len / high) & (
-      wavelen <= cfg.rope_original_max_len / low)
-  return jnp.where(medium, blended, scaled)
-
-
-def rope_tables(positions_BxL, inv_freq_K2):
-  """cos and sin, each BxLx(K/2), in float32 (the rotate-half convention)."""
-  inv_freq = inv_freq_K2
-  angles_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-  return jnp.cos(angles_BxLxK2), jnp.sin(angles_BxLxK2)
-
-
-def apply_rope(x_BxLxHxK, cos_BxLxK2, sin_BxLxK2):
-  x = x_BxLxHxK.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  cos, sin = cos_BxLxK2[:, :, None, :], sin_BxLxK2[:, :, None, :]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxHxK.dtype)
-
-
-def attention_mask(segment_ids_BxL):
-  """Causal and block-diagonal over packed documents: BxLxL, True = may attend."""
-  length = segment_ids_BxL.shape[1]
-  causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-  same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return causal_LxL[None] & same_doc_BxLxL
-
-
-def local_mask(mask_BxLxL, positions_BxL, window: int, key_positions_BxC=None):
-  """`mask_BxLxL` narrowed to keys fewer than `window` positions behind the query.
-
-  The keys are the queries themselves unless `key_positions_BxC` (a cache's slots) are given.
-  """
-  if key_positions_BxC is None:
-    key_positions_BxC = positions_BxL
-  behind_BxLxC = positions_BxL[:, :, None] - key_positions_BxC[:, None, :]
-  return mask_BxLxL & (behind_BxLxC < window)
-
-
-def cached_attention_mask(segment_ids_BxL, cache: KVCache):
-  """BxLxC, True = may attend: the L queries sit in slots index .. index+L-1 of `cache` (already
-  written there) and see earlier-or-same slots of their own document, never padding's or unwritten
-  slots (segment id 0 differs from every real query's)."""
-  length, slots = segment_ids_BxL.shape[1], cache.segment_ids_BxC.shape[1]
-  causal_LxC = jnp.arange(slots)[None, :] <= cache.index + jnp.arange(length)[:, None]
-  same_doc_BxLxC = segment_ids_BxL[:, :, None] == cache.segment_ids_BxC[:, None, :]
-  return causal_LxC[None] & same_doc_BxLxC
-
-
-def _softcapped_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask_BxLxL, scale, cap):
-  """Attention with scores capped at +-cap by cap * tanh(s / cap) (Gemma 2), in float32."""
-  b, l, h, kd = q_BxLxHxK.shape
-  n = k_BxLxNxK.shape[2]
-  q_BxLxNxGxK = q_BxLxHxK.reshape(b, l, n, h // n, kd).astype(jnp.float32)
-  s_BxNxGxLxL = jnp.einsum("bqngk,bsnk->bngqs", q_BxLxNxGxK,
-                           k_BxLxNxK.astype(jnp.float32)) * scale
-  s_BxNxGxLxL = cap * jnp.tanh(s_BxNxGxLxL / cap)
-  s_BxNxGxLxL = jnp.where(mask_BxLxL[:, None, None], s_BxNxGxLxL,
-                          jnp.finfo(jnp.float32).min)
-  p_BxNxGxLxL = jax.nn.softmax(s_BxNxGxLxL, axis=-1)
-  out = jnp.einsum("bngqs,bsnk->bqngk", p_BxNxGxLxL, v_BxLxNxK.astype(jnp.float32))
-  return out.reshape(b, l, h, kd).astype(q_BxLxHxK.dtype)
-
-
-# The collection that per-layer attention maps are sown into: `apply(..., mutable=[ATTENTION_MAPS])`
-# asks for them (kdjax.features); otherwise none is computed.
-ATTENTION_MAPS = "attention_maps"
-
-
-def attention_probs(q_BxLxHxK, k_BxLxNxK, mask_BxLxL, scale, cap=0.0):
-  """The head-averaged attention distribution p_BxLxL (float32): the mean over the H query heads
-  of softmax(q k^T * scale), soft-capped and masked as the layer's own attention is.
-
-  Averaged over heads, a layer's map is comparable between models with different head counts and
-  key/value groupings (teacher and student): each row is a distribution over the keys.
-  """
-  b, l, h, kd = q_BxLxHxK.shape
-  n = k_BxLxNxK.shape[2]
-  q_BxLxNxGxK = q_BxLxHxK.reshape(b, l, n, h // n, kd).astype(jnp.float32)
-  s_BxNxGxLxL = jnp.einsum("bqngk,bsnk->bngqs", q_BxLxNxGxK,
-                           k_BxLxNxK.astype(jnp.float32)) * scale
-  if cap > 0:
-    s_BxNxGxLxL = cap * jnp.tanh(s_BxNxGxLxL / cap)
-  s_BxNxGxLxL = jnp.where(mask_BxLxL[:, None, None], s_BxNxGxLxL,
-                          jnp.finfo(jnp.float32).min)
-  return jnp.mean(jax.nn.softmax(s_BxNxGxLxL, axis=-1), axis=(1, 2))
-
-
-class Attention(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BxLxD, mask_BxLxL, cos_BxLxK2, sin_BxLxK2, kv_cache=None, cache_index=None):
-    """Returns (out_BxLxD, kv_cache). `cos`/`sin` are None for learned positions (no rotation).
-
-    Without a cache the L tokens attend to each other and kv_cache stays None. With
-    `kv_cache` = (k_BxCxNxK, v_BxCxNxK), their keys and values are first written to slots
-    `cache_index` .. +L-1, the queries attend over all C slots (`mask_BxLxL` is then BxLxC),
-    and the updated pair is returned.
-    """
-    cfg = self.cfg
-    h, n, k = cfg.num_heads, cfg.num_kv_heads, cfg.k
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-
-    def proj(heads, name, axis_name):
-      return nn.DenseGeneral(
-          (heads, k), use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-          kernel_init=_partitioned(_dense_init(), ("embed", axis_name, "head_dim")),
-          bias_init=_partitioned(nn.initializers.zeros, (axis_name, "head_dim")))
-
-    def qk_norm(name):
-      return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
-                     plus_one=cfg.norm_plus_one, axis_name="head_dim", name=name)
-
-    # Projections on tokens flattened to one axis (see Mlp), reshaped back for attention.
-    b, l, d = x_BxLxD.shape
-    x_TxD = x_BxLxD.reshape(b * l, d)
-    q_BxLxHxK = proj(h, "query", "heads")(x_TxD).reshape(b, l, h, k)
-    k_BxLxNxK = proj(n, "key", "kv_heads")(x_TxD).reshape(b, l, n, k)
-    v_BxLxNxK = proj(n, "value", "kv_heads")(x_TxD).reshape(b, l, n, k)
-    if cfg.qk_norm:
-      q_BxLxHxK = qk_norm("q_norm")(q_BxLxHxK)
-      k_BxLxNxK = qk_norm("k_norm")(k_BxLxNxK)
-    if cos_BxLxK2 is not None:
-      q_BxLxHxK = apply_rope(q_BxLxHxK, cos_BxLxK2, sin_BxLxK2)
-      k_BxLxNxK = apply_rope(k_BxLxNxK, cos_BxLxK2, sin_BxLxK2)
-    if kv_cache is not None:
-      # From here on the keys are the C cache slots; the L new ones among them.
-      kv_cache = tuple(jax.lax.dynamic_update_slice_in_dim(c_BxCxNxK, x_BxLxNxK, cache_index, 1)
-                       for c_BxCxNxK, x_BxLxNxK in zip(kv_cache, (k_BxLxNxK, v_BxLxNxK)))
-      k_BxLxNxK, v_BxLxNxK = kv_cache
-
-    # Grouped-query attention (query heads g*G .. g*G+G-1 share key/value head g), scores and
-    # softmax in float32, masked scores at finfo.min (so exp gives exactly 0). JAX's fused
-    # attention: cuDNN's kernel on GPU where it applies, XLA's elsewhere (2x faster on CPU than
-    # the plain einsums it replaces).
-    scale = cfg.query_scale or k ** -0.5
-    if cfg.attn_softcap > 0:  # the fused kernel has no soft-cap
-      out_BxLxHxK = _softcapped_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask_BxLxL, scale,
-                                          cfg.attn_softcap)
-    else:
-      out_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask=mask_BxLxL[:, None], scale=scale)
-    out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
-    # Mean square of each head's output, for width pruning (kdjax.prune); a no-op unless the
-    # 'intermediates' collection is mutable.
-    self.sow("intermediates", "head_sq_H",
-             jnp.mean(jnp.square(out_BxLxHxK.astype(jnp.float32)), axis=(0, 1, 3)))
-    # Opt-in, as an extra B x H x L x L softmax; never at init, where every collection is mutable.
-    if self.is_mutable_collection(ATTENTION_MAPS) and not self.is_initializing():
-      self.sow(ATTENTION_MAPS, "probs_BxLxL", attention_probs(
-          q_BxLxHxK, k_BxLxNxK, mask_BxLxL, scale, cfg.attn_softcap))
-    return nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), use_bias=cfg.out_bias, dtype=dtype, param_dtype=param_dtype,
-        name="out", kernel_init=_partitioned(_dense_init(), ("heads", "head_dim", "embed")),
-        bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
-    )(out_BxLxHxK.reshape(b * l, h, k)).reshape(b, l, d), kv_cache
-
-
-class Mlp(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BxLxD):
-    cfg = self.cfg
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-
-    def dense(features, name, names):
-      return nn.Dense(features, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype,
-                      name=name, kernel_init=_partitioned(_dense_init(), names),
-                      bias_init=_partitioned(nn.initializers.zeros, names[1:]))
-
-    # Tokens flattened to one axis (T = B * L, batch-major, so 'batch' sharding carries over):
-    # plain 2-D matmuls, whose backward XLA:CPU runs about 30% faster than the 3-D form's.
-    b, l, d = x_BxLxD.shape
-    x_TxD = x_BxLxD.reshape(b * l, d)
-    if cfg.activation in ("swiglu", "geglu"):
-      act = jax.nn.silu if cfg.activation == "swiglu" else jax.nn.gelu
-      h_TxF = act(dense(cfg.mlp_dim, "gate", ("embed", "mlp"))(x_TxD)) * dense(
-          cfg.mlp_dim, "up", ("embed", "mlp"))(x_TxD)
-    else:
-      act = jax.nn.gelu if cfg.activation == "gelu" else jax.nn.relu
-      h_TxF = act(dense(cfg.mlp_dim, "up", ("embed", "mlp"))(x_TxD))
-    h_TxF = nn.with_logical_constraint(h_TxF, ("batch", "mlp"))
-    self.sow("intermediates", "neuron_sq_F", jnp.mean(jnp.square(h_TxF.astype(jnp.float32)), 0))
-    return dense(cfg.d_model, "down", ("mlp", "embed"))(h_TxF).reshape(b, l, d)
 
 
 class Block(nn.Module):
@@ -461,6 +210,10 @@ class Transformer(nn.Module):
     so far (prefill a prompt, then decode one token per call), and the result comes back as
     (logits_BxLxV or hidden_BxLxD, updated cache). `positions_BxL` must then be given: only the
     caller knows where each row's document started.
+
+    Longer than kdjax's usual function on purpose: this is the one place a reader checks the
+    model's maths in order (embed, masks, layers scanned or unrolled, cache, head), and Linen
+    names submodules by where this compact method creates them.
     """
     cfg = self.cfg
     if cache is not None and (return_hidden or positions_BxL is None):
@@ -474,7 +227,7 @@ class Transformer(nn.Module):
 
     embed = Embed(
         cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype, name="embed",
-        embedding_init=_partitioned(nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+        embedding_init=partitioned(nn.initializers.normal(stddev=cfg.d_model ** -0.5),
                                     ("vocab", "embed")))
     x_BxLxD = embed(tokens_BxL)
     if cfg.embed_scale:  # Gemma rounds sqrt(d_model) to the compute dtype first
@@ -482,7 +235,7 @@ class Transformer(nn.Module):
     if cfg.position_embedding == "learned":
       x_BxLxD = x_BxLxD + Embed(
           cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=param_dtype, name="pos_embed",
-          embedding_init=_partitioned(nn.initializers.normal(stddev=0.01),
+          embedding_init=partitioned(nn.initializers.normal(stddev=0.01),
                                       ("positions", "embed")))(positions_BxL)
       cos_BxLxK2 = sin_BxLxK2 = None
     else:
@@ -541,7 +294,7 @@ class Transformer(nn.Module):
     else:
       logits_BxLxV = nn.Dense(
           cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, name="unembed",
-          kernel_init=_partitioned(_dense_init(), ("embed", "vocab")))(x_BxLxD)
+          kernel_init=partitioned(dense_init(), ("embed", "vocab")))(x_BxLxD)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     if cfg.logit_softcap > 0:
       logits_BxLxV = cfg.logit_softcap * jnp.tanh(logits_BxLxV / cfg.logit_softcap)

@@ -28,8 +28,9 @@ DECAYED_LEAVES = ("kernel", "embedding")
 def decay_mask(params: Any) -> Any:
   """True for weight matrices and embedding tables, False for norm scales, biases and the rest."""
   def decayed(path, _):
-    last = path[-1]
-    return getattr(last, "key", getattr(last, "name", None)) in DECAYED_LEAVES
+    # The innermost dict key names the parameter (a boxed leaf adds an attribute key after it).
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] in DECAYED_LEAVES
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 

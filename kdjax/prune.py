@@ -5,8 +5,8 @@
     s_cfg, s_params = select_layers(s_cfg, s_params, keep=[0, 2, 4])                   # DistilBERT
     save_model(directory, s_cfg, s_params)    # params + model_config.json beside them
 
-Shape letters as in kdjax.model: S layers, H query heads, N key/value heads, G = H / N query
-heads per key/value head, F mlp width; U counts the units kept.
+Shape letters as in the glossary of kdjax/__init__.py: S layers, H query heads, N key/value heads,
+G = H / N query heads per key/value head, F mlp width, U units kept.
 
 Width pruning ranks units by their activation on real text (Minitron, Muralidharan et al. 2024):
 a query head by the mean square of its attention output, an MLP neuron by the mean square of its
@@ -249,7 +249,7 @@ def prune_width(cfg: ModelConfig, params: Any, scores: Mapping[str, np.ndarray],
   index = {"heads": q_SxU, "kv_heads": kv_SxU,
            "mlp": np.stack([_top(s_F, f) for s_F in neurons_SxF])}
   new_cfg = dataclasses.replace(cfg, num_heads=h, num_kv_heads=n, mlp_dim=f,
-                                head_dim=cfg.k if h != cfg.num_heads else cfg.head_dim)
+                                head_dim=cfg.head_size if h != cfg.num_heads else cfg.head_dim)
   new = _take_units(cfg, nn.meta.unbox(params), index)
   _check_shapes(new_cfg, new)
   return new_cfg, new

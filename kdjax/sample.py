@@ -7,7 +7,10 @@ not from the token value: a Hugging Face tokenizer may use any id, 0 included, f
 (Without lengths, `generate` takes PAD_ID = 0 as padding, which is right for kdjax's own
 tokenizer only.)
 
-One forward fills a `KVCache` of P + N - 1 slots with all but the last prompt token (their logits
+Shape letters (the glossary is in kdjax/__init__.py): B batch, V vocab, P prompt tokens, A new
+(sampled) tokens, R = P + A a sampled row.
+
+One forward fills a `KVCache` of P + A - 1 slots with all but the last prompt token (their logits
 are never computed); then a `lax.scan` feeds one token per step, the last prompt token first,
 attending over the cache. Left padding puts every row's last prompt token in the same column, so
 the new tokens of all rows share slots.
@@ -57,19 +60,20 @@ def generate_texts(cfg: ModelConfig, params, tokenizer: TextTokenizer, prompts: 
     raise ValueError(f"prompts {empty} have no tokens and the tokenizer has no BOS to start "
                      "from; give them some text.")
   lengths_B = np.asarray([len(ids) for ids in prompt_ids], np.int32)
-  out_BxT = np.asarray(generate(
+  out_BxR = np.asarray(generate(
       cfg, params, left_pad(prompt_ids, tokenizer.pad_id), max_new_tokens=max_new_tokens,
       temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, mesh=mesh,
       prompt_lengths_B=lengths_B))
-  width = out_BxT.shape[1] - max_new_tokens
-  return [tokenizer.decode(row[width - n:].tolist()) for row, n in zip(out_BxT, lengths_B)]
+  width = out_BxR.shape[1] - max_new_tokens
+  return [tokenizer.decode(row[width - n:].tolist()) for row, n in zip(out_BxR, lengths_B)]
 
 
 def generate(cfg: ModelConfig, params, prompt_BxP: jax.Array, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              rng: jax.Array | None = None, mesh=None,
              prompt_lengths_B: jax.Array | np.ndarray | None = None) -> jax.Array:
-  """Returns tokens_Bx(P+N): the prompts followed by N sampled tokens (greedy at temperature 0).
+  """Returns tokens_BxR: the prompts followed by A = `max_new_tokens` sampled tokens (greedy at
+  temperature 0).
 
   Row b's prompt is its last prompt_lengths_B[b] tokens; without lengths, every token that is
   not PAD_ID (kdjax's tokenizer only). `top_p` in (0, 1] keeps the nucleus (see filter_logits).
@@ -127,7 +131,7 @@ def decode(params, prompt_BxP: jax.Array, prompt_lengths_B: jax.Array, key: jax.
            cfg: ModelConfig, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None,
            vocab_limit: int = 0) -> jax.Array:
-  """The traceable core of `generate` (no jit, no placement): tokens_Bx(P+N).
+  """The traceable core of `generate` (no jit, no placement): tokens_BxR.
 
   The training step calls it to let the student sample its own continuations (kdjax.gkd); the
   output keeps whatever sharding the compiler propagates from the prompts. `vocab_limit` > 0
@@ -159,9 +163,9 @@ def decode(params, prompt_BxP: jax.Array, prompt_lengths_B: jax.Array, key: jax.
     next_B = pick(logits_BxV, key)
     return (next_B, cache), next_B
 
-  keys_N = jax.random.split(key, max_new_tokens)
-  _, new_NxB = jax.lax.scan(step, (prompt_BxP[:, -1].astype(jnp.int32), cache), keys_N)
-  return jnp.concatenate([prompt_BxP, new_NxB.T.astype(prompt_BxP.dtype)], axis=1)
+  keys_A = jax.random.split(key, max_new_tokens)
+  _, new_AxB = jax.lax.scan(step, (prompt_BxP[:, -1].astype(jnp.int32), cache), keys_A)
+  return jnp.concatenate([prompt_BxP, new_AxB.T.astype(prompt_BxP.dtype)], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
@@ -169,9 +173,9 @@ def decode(params, prompt_BxP: jax.Array, prompt_lengths_B: jax.Array, key: jax.
 def _generate(params, prompt_BxP, prompt_lengths_B, rng_data, *, cfg: ModelConfig,
               max_new_tokens: int, temperature: float, top_k: int | None,
               top_p: float | None) -> jax.Array:
-  tokens_BxT = decode(params, prompt_BxP, prompt_lengths_B, jax.random.wrap_key_data(rng_data),
+  tokens_BxR = decode(params, prompt_BxP, prompt_lengths_B, jax.random.wrap_key_data(rng_data),
                       cfg=cfg, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_k=top_k, top_p=top_p)
   if not jax.sharding.get_abstract_mesh().empty:
-    tokens_BxT = jax.lax.with_sharding_constraint(tokens_BxT, jax.sharding.PartitionSpec())
-  return tokens_BxT
+    tokens_BxR = jax.lax.with_sharding_constraint(tokens_BxR, jax.sharding.PartitionSpec())
+  return tokens_BxR

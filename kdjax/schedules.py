@@ -42,11 +42,8 @@ class Schedule:
 
   @classmethod
   def from_config(cls, d: Any) -> "Schedule":
-    """From a {'kind', 'end', 'steps'} dict or ConfigDict; None (an older config) is constant."""
-    if d is None:
-      return cls()
-    return cls(kind=str(d.get("kind", "constant")), end=float(d.get("end", 0.0)),
-               steps=int(d.get("steps", 0)))
+    """From a {'kind', 'end', 'steps'} dict or ConfigDict (kdjax.settings.distill_section)."""
+    return cls(kind=str(d["kind"]), end=float(d["end"]), steps=int(d["steps"]))
 
   @property
   def is_constant(self) -> bool:

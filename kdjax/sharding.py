@@ -10,8 +10,8 @@ steps enter while they trace.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
+import sys
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -84,12 +84,22 @@ def parse_rules(rules: Sequence[Sequence[Any]] | None) -> Rules | None:
 
 
 def rules_from_config(config: Any) -> Rules:
-  return parse_rules(config.get("sharding_rules", None)) or DEFAULT_RULES
+  return parse_rules(config.sharding_rules) or DEFAULT_RULES
 
 
 def _axis_size(mesh, axes) -> int:
   axes = axes if isinstance(axes, tuple) else (axes,)
   return math.prod(mesh.shape[a] for a in axes if a is not None)
+
+
+_NOTES_SAID: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+  """Prints `message` on stderr the first time this process meets it (process 0 only)."""
+  if message not in _NOTES_SAID and jax.process_index() == 0:
+    print(message, file=sys.stderr)
+  _NOTES_SAID.add(message)
 
 
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
@@ -101,8 +111,9 @@ def _fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     if axes is not None and dim % _axis_size(mesh, axes):
-      logging.info("sharding: dim of size %d is not divisible by mesh axes %s; replicated",
-                   dim, axes)
+      _note_once(f"note: a parameter dimension of size {dim} is not divisible by mesh axes "
+                 f"{axes} (size {_axis_size(mesh, axes)}); it is replicated over them instead. "
+                 "Choose mesh sizes that divide it to shard it.")
       axes = None
     fitted.append(axes)
   return P(*fitted)

@@ -3,6 +3,8 @@
   python scripts/ablate.py --config=configs/shakespeare.py:ablate_smoke --workdir=runs/ablate_smoke
   python scripts/ablate.py --config=configs/shakespeare.py:ablate --workdir=runs/ablate
 
+Needs kdjax installed: `pip install -e .` in the repo root.
+
 On a cluster, one process per point after the teacher is trained:
 
   python scripts/ablate.py --config=... --workdir=W --teacher_only
@@ -21,14 +23,13 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kdjax  # noqa: E402,F401  (XLA flags before JAX starts)
+import kdjax  # noqa: F401  (XLA flags before JAX starts)
 
-from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
 
-from kdjax import ablation, config_check, loop  # noqa: E402
+from kdjax import ablation, cli, config_check, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config with a sweep, e.g. "
                                           "configs/shakespeare.py:ablate.", lock_config=True)
@@ -72,8 +73,7 @@ def main(argv):
     for path in ablation.report(runner):
       print(path)
   except (config_check.ConfigError, FileNotFoundError) as e:
-    print(f"ablate: error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(cli.one_line(e), prog="ablate")
   except loop.Preempted as e:
     print(f"ablate: {e}", file=sys.stderr)
     sys.exit(143)

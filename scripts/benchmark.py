@@ -4,6 +4,8 @@
   python scripts/benchmark.py --config=configs/bench_cpu.py --config.distill.loss_chunk_size=0
   python scripts/benchmark.py --loss_table --vocab=32768,131072,262144 --loss_chunk_sizes=0,256
 
+Needs kdjax installed: `pip install -e .` in the repo root.
+
 `--loss_table` times the distillation loss alone (no model): from final hidden states of a
 student (width --student_width) and a teacher (--teacher_width) over --loss_length tokens, value and
 gradient w.r.t. the student's hidden states and unembedding, one JSON line per (vocab, chunk size)
@@ -33,24 +35,21 @@ it, else the process's max RSS.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kdjax  # noqa: E402,F401  (XLA flags before JAX starts)
+import kdjax  # noqa: F401  (XLA flags before JAX starts)
 
-from absl import app, flags  # noqa: E402
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
 
-from kdjax import experiment, losses, optim, sharding, train  # noqa: E402
-from kdjax.model import ModelConfig  # noqa: E402
+from kdjax import experiment, losses, optim, sharding, train
+from kdjax.model import ModelConfig, Transformer
 from kdjax.settings import DistillSettings
 from kdjax.state import create_train_state, init_params, param_shardings
 
@@ -78,7 +77,7 @@ DATASHEET = {
 
 def matmul_params(cfg: ModelConfig) -> int:
   """Weights that enter a matmul: every kernel, and the (tied or untied) unembedding."""
-  shapes = nn.meta.unbox(jax.eval_shape(lambda: train.Transformer(cfg).init(
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"])
   # By name, not by rank: under nn.scan the norm scales are stacked into 2-D arrays too.
   n = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(shapes)
@@ -88,9 +87,11 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(s_cfg: ModelConfig, t_cfg: ModelConfig | None, seq_len: int) -> float:
-  flops = 6 * matmul_params(s_cfg) + 12 * s_cfg.num_layers * s_cfg.num_heads * s_cfg.k * seq_len
+  flops = (6 * matmul_params(s_cfg)
+           + 12 * s_cfg.num_layers * s_cfg.num_heads * s_cfg.head_size * seq_len)
   if t_cfg is not None:
-    flops += 2 * matmul_params(t_cfg) + 4 * t_cfg.num_layers * t_cfg.num_heads * t_cfg.k * seq_len
+    flops += (2 * matmul_params(t_cfg)
+              + 4 * t_cfg.num_layers * t_cfg.num_heads * t_cfg.head_size * seq_len)
   return float(flops)
 
 
@@ -165,9 +166,9 @@ def benchmark(config) -> dict:
   peak, peak_source = peak_flops(s_cfg.dtype)
   memory, memory_source = peak_memory_bytes()
   return {
-      "config": config.get("target", {}).get("name", ""),
+      "config": config.target.name,
       "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-      "batch": b, "seq_len": l, "loss_chunk_size": int(config.distill.get("loss_chunk_size", 0)),
+      "batch": b, "seq_len": l, "loss_chunk_size": int(config.distill.loss_chunk_size),
       "tokens_per_sec": round(tokens_per_sec, 1), "step_ms": round(1e3 * step_s, 2),
       "step_ms_min": round(1e3 * min(times), 2), "step_ms_max": round(1e3 * max(times), 2),
       "flops_per_token": fpt, "xla_flops_per_token": xla_flops / (b * l),

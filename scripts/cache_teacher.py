@@ -5,6 +5,8 @@
   python scripts/cache_teacher.py --config=configs/shakespeare.py --workdir=runs/shakespeare \
       --report [--report_k=8,32,128] [--student=distilled]
 
+Needs kdjax installed: `pip install -e .` in the repo root.
+
 The teacher is loaded exactly as the distilled phase loads it (config.teacher_checkpoint,
 config.teacher_hf or `<workdir>/teacher`, with config.frozen_teacher's dtypes and rules), and runs
 jitted on the config's mesh, batches split over (data, fsdp) as in evaluation. The batches are
@@ -33,20 +35,19 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kdjax  # noqa: E402,F401  (XLA flags before JAX starts)
+import kdjax  # noqa: F401  (XLA flags before JAX starts)
 
-from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from absl import logging as absl_logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
 
-from kdjax import config_check, evaluate, experiment, sharding, teacher_cache  # noqa: E402
-from kdjax.model import ModelConfig, Transformer  # noqa: E402
-from kdjax.state import init_params  # noqa: E402
-from kdjax.teacher_cache import estimators as cache_estimators  # noqa: E402
+from kdjax import cli, config_check, evaluate, experiment, preflight, sharding, teacher_cache
+from kdjax.model import ModelConfig, Transformer
+from kdjax.state import init_params
+from kdjax.teacher_cache import estimators as cache_estimators
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -76,7 +77,7 @@ def _log(message: str) -> None:
 def build_cache(config, workdir: str, top_k: int, samples: int, logprob_dtype: str = "float16",
                 shard_steps: int = 0) -> dict:
   """Builds the cache of the distilled phase's training batches; returns its manifest."""
-  experiment.check_teacher_checkpoint(config, workdir, ("distilled",))
+  preflight.preflight(config, workdir, ("distilled",), teacher_only=True)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
   manifest = teacher_cache.plan(config, workdir, top_k=top_k, samples=samples,
                                 logprob_dtype=logprob_dtype, shard_steps=shard_steps)
@@ -167,7 +168,7 @@ def _measure(cache_path: str, manifest: dict, estimators: tuple[str, ...], step_
 def report(config, workdir: str, ks: list[int], student: str = "distilled",
            logprob_dtype: str = "float16") -> dict:
   """Bytes per token and the held-out KL gap of every estimator for each k (see the docstring)."""
-  experiment.check_teacher_checkpoint(config, workdir, ("distilled",))
+  preflight.preflight(config, workdir, ("distilled",), teacher_only=True)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
   data = experiment.prepare_data(config)
   teacher = experiment.load_teacher(config, workdir, mesh, rules)
@@ -247,8 +248,7 @@ def main(argv):
                            _SHARD_STEPS.value)
   except (config_check.ConfigError, teacher_cache.CacheMismatch, FileExistsError,
           FileNotFoundError) as e:
-    print(f"cache_teacher: error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(cli.one_line(e), prog="cache_teacher")
   summary = {k: manifest[k] for k in ("top_k", "samples", "steps", "vocab_size", "logprob_dtype",
                                       "bytes_per_token", "disk_bytes_per_token", "num_shards")}
   print(json.dumps(dict(summary, path=cache_dir(workdir, _TOP_K.value, _SAMPLES.value),

@@ -7,6 +7,8 @@
   python scripts/convert.py --orbax_to_hf --src=runs/qwen/distilled/checkpoints \
       --dst=export/student --model=student --tokenizer=/models/Qwen2.5-7B
 
+Needs kdjax installed: `pip install -e .` in the repo root.
+
 --src is only read. --dst must be new or empty. For orbax -> HF, --src is a kdjax phase's
 checkpoints folder (or one --hf_to_orbax wrote); the model is the run config's --model field
 (student or teacher), exported as its ModelConfig.family ('' = llama) unless --family is given,
@@ -18,16 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kdjax  # noqa: E402,F401  (XLA flags before JAX starts)
+import kdjax  # noqa: F401  (XLA flags before JAX starts)
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
+import jax
+from absl import app, flags
 
-from kdjax import checkpoint, hf, sharding, train  # noqa: E402
-from kdjax.model import ModelConfig  # noqa: E402
+from kdjax import checkpoint, hf, sharding
+from kdjax.model import ModelConfig
 from kdjax.state import init_params, param_shardings
 
 _HF_TO_ORBAX = flags.DEFINE_bool("hf_to_orbax", False, "Hugging Face dir -> kdjax checkpoint.")

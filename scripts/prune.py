@@ -6,6 +6,8 @@ are most active on calibration text (kdjax.prune).
       --calibration_text=data/calibration.txt \
       --calibration_tokenizer=~/tensorflow_datasets/tokenizers/shakespeare_bpe4096.model
 
+Needs kdjax installed: `pip install -e .` in the repo root.
+
 --teacher is a Hugging Face model directory, a directory `kdjax.prune.save_model` wrote
 (model_config.json + params), or a kdjax
 phase's checkpoints folder (`<workdir>/teacher/checkpoints`), whose model is the field
@@ -27,18 +29,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kdjax  # noqa: E402,F401  (XLA flags before JAX starts)
+import kdjax  # noqa: F401  (XLA flags before JAX starts)
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import jax
+import numpy as np
+from absl import app, flags
 
-from kdjax import checkpoint, hf, prune  # noqa: E402
-from kdjax.data import tokenizer as tokenizer_lib  # noqa: E402
-from kdjax.model import ModelConfig  # noqa: E402
+from kdjax import checkpoint, hf, prune
+from kdjax.data import tokenizer as tokenizer_lib
+from kdjax.model import ModelConfig
 
 _TEACHER = flags.DEFINE_string("teacher", None, "Teacher: a save_model directory, or a kdjax "
                                "phase's checkpoints folder.")

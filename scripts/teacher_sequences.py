@@ -5,6 +5,8 @@ a TFDS dataset to train a student on: sequence-level distillation (Kim & Rush, 2
       [--num_prompts=2048] [--prompt_tokens=16] [--max_new_tokens=...] [--temperature=1.0] \
       [--top_k=0] [--top_p=1.0] [--batch_size=64] [--out=<workdir>/teacher_text]
 
+Needs kdjax installed: `pip install -e .` in the repo root.
+
 The teacher is loaded exactly as the distilled phase loads it (config.teacher_checkpoint,
 config.teacher_hf or `<workdir>/teacher`, with config.frozen_teacher's dtypes and rules) and
 samples on the config's mesh. Prompts are BOS + the first --prompt_tokens ids of documents of
@@ -27,15 +29,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # kdjax before JAX: its __init__ sets XLA flags that must precede the backend's start.
-from kdjax import config_check, experiment, sharding, teacher_cache  # noqa: E402
-from kdjax.data import shakespeare, teacher_text  # noqa: E402
+from kdjax import cli, config_check, continuations, experiment, preflight, sharding, teacher_cache
+from kdjax.data import shakespeare, teacher_text
 
-from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
-import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from absl import logging as absl_logging
+import jax
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -71,7 +72,7 @@ def generate(config, workdir: str, out: str, *, num_prompts: int, prompt_tokens:
              max_new_tokens: int | None, temperature: float, top_k: int, top_p: float,
              batch_size: int) -> dict:
   """Writes the dataset to `out`; returns its summary (path, examples, tokens)."""
-  experiment.check_teacher_checkpoint(config, workdir, ("distilled",))
+  preflight.preflight(config, workdir, ("distilled",), teacher_only=True)
   if os.path.exists(out):  # before loading anything
     raise ValueError(f"{out} exists; teacher text is never overwritten: remove it or pass "
                      "another --out.")
@@ -80,7 +81,7 @@ def generate(config, workdir: str, out: str, *, num_prompts: int, prompt_tokens:
     shakespeare.build_shakespeare(root, archive=d.archive or None)
   train_source = experiment._split(d, "train_split", root)  # no public form
   tokenizer = experiment._tokenizer(d, root, train_source)
-  experiment.check_vocab(config, tokenizer.vocab_size)
+  preflight.check_vocab(config, tokenizer.vocab_size)
   prompt_width = prompt_tokens + (tokenizer.bos_id is not None)
   # Prompt and continuation fill one training row (the pipeline's BOS included).
   max_new_tokens = max_new_tokens or int(d.seq_len) - prompt_width
@@ -95,12 +96,12 @@ def generate(config, workdir: str, out: str, *, num_prompts: int, prompt_tokens:
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
   teacher = experiment.load_teacher(config, workdir, mesh, rules)
   start = time.time()
-  ids = teacher_text.continuation_ids(
+  ids = continuations.continuation_ids(
       teacher.cfg, teacher.params, prompts, max_new_tokens=max_new_tokens,
       pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, temperature=temperature, top_k=top_k,
       top_p=top_p, batch_size=batch_size, rng=jax.random.key(config.seed), mesh=mesh)
   seconds = time.time() - start
-  texts = [teacher_text.decode(tokenizer, row) for row in ids]
+  texts = [continuations.decode(tokenizer, row) for row in ids]
   new_tokens = sum(len(row) - len(p) for row, p in zip(ids, prompts))
   counts = {"examples": len(texts), "prompt_tokens": sum(map(len, prompts)),
             "new_tokens": new_tokens,
@@ -109,8 +110,8 @@ def generate(config, workdir: str, out: str, *, num_prompts: int, prompt_tokens:
             "generation_seconds": round(seconds, 1)}
   metadata = {
       "teacher": teacher_cache.teacher_fingerprint(config, workdir),
-      "data": {k: config.data.get(k) for k in ("name", "train_split", "text_key",
-                                               "tokenizer_path", "vocab_size")},
+      "data": {k: config.data[k] for k in ("name", "train_split", "text_key",
+                                           "tokenizer_path", "vocab_size")},
       "prompts": {"num_prompts": num_prompts, "prompt_tokens": prompt_tokens,
                   "seed": int(config.seed)},
       "generation": {"max_new_tokens": max_new_tokens, "temperature": temperature,
@@ -143,13 +144,11 @@ def main(argv):
   out = os.path.abspath(_OUT.value or os.path.join(workdir, "teacher_text"))
   start = time.time()
   try:
-    config_check.check_config(config, jax.device_count(), jax.process_count())
     # TFDS prints dataset preparation to stdout, which is this script's one JSON line.
     with contextlib.redirect_stdout(sys.stderr):
       summary = generate(config, workdir, out, **settings)
   except (config_check.ConfigError, ValueError, FileNotFoundError) as e:
-    print(f"teacher_sequences: error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(cli.one_line(e), prog="teacher_sequences")
   print(json.dumps(dict(summary, seconds=round(time.time() - start, 1))))
 
 

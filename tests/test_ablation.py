@@ -13,7 +13,8 @@ import pytest
 from configs import shakespeare
 from kdjax import ablation, config_check, plots
 
-from background import Background
+from support import scripts_loader
+from support.background import Background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +75,7 @@ def _command(config_path, workdir):
 
 def _ablate(config_path, workdir):
   out = subprocess.run(_command(config_path, workdir), capture_output=True, text=True, cwd=ROOT,
-                       timeout=600)
+                       timeout=600, env=scripts_loader.subprocess_env())
   assert out.returncode == 0, out.stderr[-3000:]
   return out
 
@@ -83,10 +84,10 @@ def _first_run(directory):
   config_path = os.path.join(directory, "small_sweep.py")
   with open(config_path, "w") as f:
     f.write(_SMALL_SWEEP)
-  return _command(config_path, os.path.join(directory, "sweep")), None
+  return _command(config_path, os.path.join(directory, "sweep")), scripts_loader.subprocess_env()
 
 
-# The small sweep's first run starts in the background at collection (background.py).
+# The small sweep's first run starts in the background at collection (support/background.py).
 WORKER = Background("kdjax_ablate_", _first_run, cwd=ROOT)
 
 
@@ -145,7 +146,7 @@ def test_plots_from_rows(tmp_path):
 def test_the_ablations_notebook_executes_on_a_sweeps_results(small_sweep, monkeypatch):
   """notebooks/ablations.ipynb, top to bottom, on the sweep above (its own fallback sweep is the
   same code, ablation.Runner)."""
-  from notebook_runner import execute
+  from support.notebook_runner import execute
   monkeypatch.setenv("KDJAX_ABLATION_DIR", str(small_sweep[1]))
   outputs = execute("ablations.ipynb")
   assert "lowest held-out perplexity" in outputs

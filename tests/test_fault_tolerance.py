@@ -1,6 +1,7 @@
 """NaN/Inf guard: a non-finite step is skipped and counted; too many in a row stop the run."""
 
 import dataclasses
+import errno
 import glob
 import json
 import os
@@ -158,6 +159,56 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(mesh, tmp_path, damage
   assert _equal(resumed.params, whole.params)
   kept = partial_dir / "corrupt_checkpoints" / "8"
   assert sorted(os.path.relpath(p, kept) for p in glob.glob(f"{kept}/**", recursive=True)) == files
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.EIO, "Input/output error"), PermissionError(errno.EACCES, "Permission denied"),
+    OSError(errno.ENOSPC, "No space left on device")], ids=["io", "permission", "full_disk"])
+def test_a_transient_read_error_stops_the_run_and_moves_nothing(mesh, tmp_path, error, monkeypatch,
+                                                                whole_and_stopped):
+  """A checkpoint that cannot be read right now (I/O error, permissions, a full disk) is not
+  damaged: the run stops with one line naming it, and every checkpoint stays where it was."""
+  _, stopped_dir = whole_and_stopped
+  partial_dir = tmp_path / "partial"
+  shutil.copytree(stopped_dir, partial_dir)
+  before = sorted(os.path.relpath(p, partial_dir)
+                  for p in glob.glob(f"{partial_dir}/**", recursive=True))
+
+  def unreadable(self, step, state_like, shardings):
+    raise error
+
+  monkeypatch.setattr(checkpoint.PhaseCheckpoints, "restore", unreadable)
+  with pytest.raises(checkpoint.CheckpointUnreadable) as raised:
+    loop.train_phase(loop.PhaseSpec(phase_dir=str(partial_dir), **_resume_kwargs(mesh)))
+  message = str(raised.value)
+  assert "\n" not in message and "checkpoint step 8" in message and "nothing was moved" in message
+  after = sorted(os.path.relpath(p, partial_dir)
+                 for p in glob.glob(f"{partial_dir}/**", recursive=True))
+  assert after == before and not (partial_dir / "corrupt_checkpoints").exists()
+
+
+def test_resume_allocates_no_fresh_state_beside_the_restored_one(mesh, tmp_path, monkeypatch,
+                                                                 whole_and_stopped):
+  """Resuming restores straight into the abstract state: when the restore starts, no training
+  state (params + optimizer state) has been allocated for the phase, so peak memory is one
+  state, not two. The result is still the uninterrupted run's."""
+  whole, stopped_dir = whole_and_stopped
+  partial_dir = tmp_path / "partial"
+  shutil.copytree(stopped_dir, partial_dir)
+  live_bytes = lambda: sum(x.nbytes for x in jax.live_arrays())
+  seen = {}
+  restore = checkpoint.PhaseCheckpoints.restore
+
+  def measured_restore(self, step, state_like, shardings):
+    seen.setdefault("at_restore", live_bytes())
+    return restore(self, step, state_like, shardings)
+
+  monkeypatch.setattr(checkpoint.PhaseCheckpoints, "restore", measured_restore)
+  seen["at_start"] = live_bytes()
+  resumed = loop.train_phase(loop.PhaseSpec(phase_dir=str(partial_dir), **_resume_kwargs(mesh)))
+  assert _equal(resumed.params, whole.params)
+  params_bytes = sum(x.nbytes for x in jax.tree.leaves(resumed.params))
+  assert seen["at_restore"] - seen["at_start"] < params_bytes
 
 
 def test_keeps_the_last_n_plus_the_best_by_held_out_loss(mesh, tmp_path):

@@ -157,7 +157,7 @@ def test_attention_maps_are_head_averaged_probabilities(teacher_params):
     return np.concatenate([v1 * np.cos(ang) - v2 * np.sin(ang),
                            v2 * np.cos(ang) + v1 * np.sin(ang)], -1)
   q, k = rope(q), np.repeat(rope(k), 2, axis=2)  # query heads 2g, 2g+1 share kv head g
-  scores = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(T_CFG.k)
+  scores = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(T_CFG.head_size)
   scores = np.where(allowed[:, None], scores, -np.inf)
   probs = np.exp(scores - scores.max(-1, keepdims=True))
   probs = (probs / probs.sum(-1, keepdims=True)).mean(1)

@@ -147,7 +147,7 @@ def _oracle_step(setup, state, batch, new_tokens, accum=1):
                                *_oracle_batch(state, micro, micro_key, new_tokens)))
   loss = np.mean([l for l, _ in parts])
   grads = jax.tree.map(lambda *g: sum(g) / accum, *[g for _, g in parts])
-  updates, _ = tx.update(grads, state.opt_state, state.params)
+  updates, _ = tx.update(grads, state.opt_state, state.params, step=state.step)
   return loss, optax.global_norm(grads), optax.apply_updates(state.params, updates)
 
 
@@ -279,21 +279,21 @@ def test_config_check_names_the_bad_field(override, field):
 
 def test_missing_cache_or_sequence_data_is_refused_before_any_work(tmp_path):
   from configs import shakespeare
-  from kdjax import config_check, experiment
+  from kdjax import config_check, preflight
   for field in ("teacher_cache", "sequence_data"):
     config = shakespeare.get_config("smoke")
     config.teacher_checkpoint = str(tmp_path / "nowhere")
     config.distill[field] = str(tmp_path / "missing")
     with pytest.raises(config_check.ConfigError) as e:
-      experiment.check_teacher_sources(config, str(tmp_path / "w"), ("distilled",))
+      preflight.check_teacher_sources(config, str(tmp_path / "w"), ("distilled",))
     assert str(e.value).startswith(f"config.distill.{field}:") and "\n" not in str(e.value)
-    experiment.check_teacher_sources(config, str(tmp_path / "w"), ("scratch",))  # not read
+    preflight.check_teacher_sources(config, str(tmp_path / "w"), ("scratch",))  # not read
   assert not os.path.exists(tmp_path / "w")
 
 
 def test_teacher_text_of_another_teacher_is_refused(tmp_path):
   from configs import shakespeare
-  from kdjax import config_check, experiment, teacher_cache
+  from kdjax import config_check, preflight, teacher_cache
   from kdjax.data import teacher_text
   config = shakespeare.get_config("smoke")
   config.teacher_checkpoint = str(tmp_path / "teacher")
@@ -302,11 +302,11 @@ def test_teacher_text_of_another_teacher_is_refused(tmp_path):
     teacher_text.write_dataset(str(tmp_path / name), {"train": ["a b", "c"]},
                                metadata={"teacher": fingerprint})
   config.distill.sequence_data = str(tmp_path / "ours")
-  experiment.check_teacher_sources(config, str(tmp_path / "w"), ("distilled",))
+  preflight.check_teacher_sources(config, str(tmp_path / "w"), ("distilled",))
   config.distill.sequence_data = str(tmp_path / "theirs")
   with pytest.raises(config_check.ConfigError, match="^config.distill.sequence_data: .*another "
                      "teacher"):
-    experiment.check_teacher_sources(config, str(tmp_path / "w"), ("distilled",))
+    preflight.check_teacher_sources(config, str(tmp_path / "w"), ("distilled",))
 
 
 def test_runs_saved_before_these_fields_still_resume():

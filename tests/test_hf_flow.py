@@ -18,12 +18,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from configs import hf_distill  # noqa: E402
-from kdjax import checkpoint, experiment, hf  # noqa: E402
+from kdjax import checkpoint, experiment, hf, preflight  # noqa: E402
 from kdjax.data import tokenizer as tokenizer_lib  # noqa: E402
 from kdjax.model import Transformer  # noqa: E402
-import fake_corpus  # noqa: E402
+from support import fake_corpus, scripts_loader  # noqa: E402
 from test_hf_tokenizer import _qwen  # noqa: E402
-import scripts_loader  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -134,14 +133,14 @@ def test_a_student_with_another_tokenizer_or_unreadable_weights_is_refused_early
   _tiny_qwen(same, _qwen)
   _tiny_qwen(other, _llama3)  # same vocabulary size (768 rows), different ids
   phases = ("distilled",)
-  experiment.check_teacher_checkpoint(
+  preflight.check_teacher_checkpoint(
       hf_distill.get_config(f"teacher={teacher},student={same}"), str(tmp_path), phases)
   config = hf_distill.get_config(f"teacher={teacher},student={other}")
   with pytest.raises(config_check.ConfigError, match=r"config\.student_init: the tokenizer"):
-    experiment.check_teacher_checkpoint(config, str(tmp_path), phases)
+    preflight.check_teacher_checkpoint(config, str(tmp_path), phases)
   # Weights that do not fit config.json: named by the field, before any data or compile work.
   (same / "model.safetensors").unlink()
   (same / "pytorch_model.bin").write_bytes(b"never unpickled")
   config = hf_distill.get_config(f"teacher={teacher},student={same}")
   with pytest.raises(config_check.ConfigError, match=r"config\.student_init: .*never loads"):
-    experiment.check_teacher_checkpoint(config, str(tmp_path), phases)
+    preflight.check_teacher_checkpoint(config, str(tmp_path), phases)

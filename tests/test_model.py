@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from kdjax.model import ModelConfig, Transformer
+from support.params import random_param, unscan_params
 
 B, L, V = 2, 12, 50
 
@@ -153,27 +154,6 @@ def param_shapes(cfg: ModelConfig):
       lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
 
 
-def _random_param(path, shape, rng):
-  """Init-like scales (LeCun fan-in kernels, embedding std D^-0.5) so logits are O(1), but norm
-  scales 1 + N(0, 0.3^2) and biases N(0, 0.1^2): a norm that ignored or swapped its params would
-  still match an oracle fed the init values of exactly 1 and 0."""
-  name, parent = path[-1].key, path[-2].key
-  z = rng.standard_normal(shape)
-  if name == "scale":
-    return 1.0 + 0.3 * z
-  if name == "bias":
-    return 0.1 * z
-  if name == "embedding":
-    return z * shape[-1] ** -0.5
-  if parent in ("query", "key", "value"):  # [S,] D x H x K
-    fan_in = shape[-3]
-  elif parent == "out":  # [S,] H x K x D
-    fan_in = shape[-3] * shape[-2]
-  else:  # [S,] in x out
-    fan_in = shape[-2]
-  return z * fan_in ** -0.5
-
-
 @functools.lru_cache(maxsize=None)
 def build(cfg: ModelConfig, seed: int = 0):
   """Unboxed float32 params with the exact tree `init` makes, drawn in numpy (a jitted init
@@ -181,7 +161,7 @@ def build(cfg: ModelConfig, seed: int = 0):
   rng = np.random.default_rng(seed)
   shapes = nn.unbox(param_shapes(cfg))
   return jax.tree_util.tree_map_with_path(
-      lambda path, s: jnp.asarray(_random_param(path, s.shape, rng), jnp.float32), shapes)
+      lambda path, s: jnp.asarray(random_param(path, s.shape, rng), jnp.float32), shapes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,16 +190,8 @@ def packed_inputs():
   return jnp.asarray(seg), jnp.asarray(pos)
 
 
-def unscan_params(params, num_layers):
-  """Stacked 'layers' tree (leading axis S) -> per-layer 'layer_{i}' entries."""
-  out = {k: v for k, v in params.items() if k != "layers"}
-  for i in range(num_layers):
-    out[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
-  return out
-
-
 def expected_num_params(cfg):
-  d, h, n, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.k, cfg.mlp_dim
+  d, h, n, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.mlp_dim
   norm = d if cfg.norm == "rmsnorm" else 2 * d  # scale (+ bias)
   mlp = (3 if cfg.activation in ("swiglu", "geglu") else 2) * d * f
   per_layer = d * h * k + 2 * d * n * k + h * k * d + mlp + 2 * norm

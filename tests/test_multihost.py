@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-import fake_corpus
+from support import fake_corpus
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,7 @@ import os
 import nbformat
 import pytest
 
-from notebook_runner import ROOT, execute
+from support.notebook_runner import ROOT, execute
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 

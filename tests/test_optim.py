@@ -11,7 +11,7 @@ import pytest
 from kdjax import optim, sharding, train
 from kdjax.model import ModelConfig
 from kdjax.state import create_train_state
-from test_model import unscan_params
+from support.params import unscan_params
 
 # Every kind of parameter the model has: biases on every projection, q/k norms, untied unembed.
 CFG = ModelConfig(vocab_size=48, d_model=16, num_layers=3, num_heads=2, num_kv_heads=1,

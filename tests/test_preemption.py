@@ -30,7 +30,7 @@ import pytest
 
 from configs import shakespeare as shakespeare_config
 from kdjax import checkpoint, experiment, sharding
-import fake_corpus
+from support import fake_corpus
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -30,8 +30,8 @@ from kdjax.data import tokenizer as tokenizer_lib
 from kdjax.model import ModelConfig, Transformer
 from kdjax.settings import DistillSettings
 from kdjax.state import TrainState
-from test_model import _random_param  # norm scales and biases away from 1 and 0
-import scripts_loader
+from support import scripts_loader
+from support.params import random_param  # norm scales and biases away from 1 and 0
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, L, V = 2, 8, 40
@@ -70,7 +70,7 @@ def build(cfg: ModelConfig, seed: int = 0):
   shapes = nn.unbox(jax.eval_shape(
       lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"])
   return jax.tree_util.tree_map_with_path(
-      lambda path, s: np.asarray(_random_param(path, s.shape, rng), np.float32), shapes)
+      lambda path, s: np.asarray(random_param(path, s.shape, rng), np.float32), shapes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,7 +219,8 @@ def np_head_sq(cfg, a, x_BxLxD, local):
   out = np.zeros((q.shape[2],))
   for h in range(cfg.num_heads):
     kv = h // (cfg.num_heads // cfg.num_kv_heads)
-    s = np.einsum("blk,bmk->blm", q[:, :, h], k[:, :, kv]) * (cfg.query_scale or cfg.k ** -0.5)
+    s = np.einsum("blk,bmk->blm", q[:, :, h], k[:, :, kv]) * (
+        cfg.query_scale or cfg.head_size ** -0.5)
     if cfg.attn_softcap:
       s = cfg.attn_softcap * np.tanh(s / cfg.attn_softcap)
     s = np.where(allowed, s, -np.inf)
@@ -322,7 +323,7 @@ def test_width_pruning_keeps_the_top_scored_units(name):
                                         num_kv_heads=new_n, mlp_dim=new_f)
     new_n = cfg.num_kv_heads if new_n is None else new_n
     assert s_cfg == dataclasses.replace(cfg, num_heads=new_h, num_kv_heads=new_n, mlp_dim=new_f,
-                                        head_dim=cfg.k)
+                                        head_dim=cfg.head_size)
     want = [sliced_layer(layer(cfg, params, i), *oracle_units(
         scores["heads"][i], scores["neurons"][i], cfg.num_heads, cfg.num_kv_heads, new_h, new_n,
         new_f)) for i in range(3)]
@@ -494,7 +495,7 @@ def test_script_command_line(tmp_path):
        f"--output={tmp_path / 's'}", "--keep_layers=0,2", "--num_heads=2", "--mlp_dim=6",
        f"--calibration={tmp_path / 'calib.npy'}", "--batch_size=2"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      env=scripts_loader.subprocess_env(JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary["student"]["num_layers"] == 2 and summary["student"]["mlp_dim"] == 6

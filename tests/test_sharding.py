@@ -1,7 +1,7 @@
 """Sharded steps equal the one-device step; params, optimizer state and teacher are sharded as
 the rules say; rules, meshes and per-device sizes are derived, not written per parameter.
 
-The 8-device checks run tests/mesh_worker.py in a subprocess with
+The 8-device checks run tests/support/mesh_worker.py in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (the device count is fixed when JAX starts).
 """
 
@@ -19,7 +19,8 @@ from kdjax import optim, sharding, train
 from kdjax.model import ModelConfig
 from kdjax.state import create_train_state, init_params, param_shardings
 
-from background import Background
+from support import scripts_loader
+from support.background import Background
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("8x1x1", "2x4x1", "2x2x2", "1x1x8", "2x2x2_chunked")  # the last: fused chunked loss
@@ -27,12 +28,13 @@ K = "param/['layers']"
 
 
 def _mesh_worker(directory):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  return [sys.executable, os.path.join(ROOT, "tests", "mesh_worker.py"),
+  env = scripts_loader.subprocess_env(JAX_PLATFORMS="cpu",
+                                      XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  return [sys.executable, os.path.join(ROOT, "tests", "support", "mesh_worker.py"),
           os.path.join(directory, "out.npz")], env
 
 
-# tests/mesh_worker.py takes about a minute of one core: it runs in the background (background.py).
+# mesh_worker.py takes about a minute of one core: it runs in the background (support/background).
 WORKER = Background("kdjax_mesh_", _mesh_worker)
 
 
@@ -144,6 +146,19 @@ def test_shardings_come_from_the_rules_and_fit_any_mesh():
   key = jax.tree.map(lambda s: s.spec,
                      param_shardings(odd, mesh, sharding.DEFAULT_RULES))
   assert key["layers"]["attn"]["key"]["kernel"] == P(None, "fsdp", None, None)
+
+
+def test_a_replicated_dimension_is_said_once_on_stderr(capfd):
+  """A user whose 5 KV heads cannot split over tensor=2 is told on stderr, once per process,
+  however many params (key and value kernels) and derivations meet it."""
+  mesh = sharding.abstract_mesh({"data": 2, "fsdp": 4, "tensor": 2}, 16)
+  odd = ModelConfig(**{**CFG.__dict__, "num_heads": 10, "num_kv_heads": 5, "head_dim": 8})
+  capfd.readouterr()
+  for _ in range(2):
+    param_shardings(odd, mesh, sharding.DEFAULT_RULES)
+  err = capfd.readouterr().err
+  assert err.count("dimension of size 5 is not divisible by mesh axes tensor") == 1, err
+  assert len(err.strip().splitlines()) == 1
 
 
 def test_per_device_bytes_divides_by_the_mesh():

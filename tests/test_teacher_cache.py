@@ -25,6 +25,7 @@ from kdjax.model import ModelConfig, Transformer
 from kdjax.settings import DistillSettings
 from kdjax.state import create_train_state
 from kdjax.teacher_cache import estimators
+from support import scripts_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, L, V = 4, 8, 24
@@ -496,7 +497,7 @@ def test_cli_refuses_a_workdir_without_a_teacher(tmp_path):
       [sys.executable, "scripts/cache_teacher.py", "--config=configs/shakespeare.py:smoke",
        f"--workdir={tmp_path}", "--top_k=8"],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      env=scripts_loader.subprocess_env(JAX_PLATFORMS="cpu"))
   assert out.returncode == 2, out.stderr[-2000:]
   assert "cache_teacher: error: config.mode: no readable teacher checkpoint" in out.stderr
   assert not (tmp_path / "teacher_cache").exists()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from kdjax import sample, sharding
+from kdjax import continuations, sample, sharding
 from kdjax.data import pipeline, teacher_text
 from kdjax.model import ModelConfig
 from kdjax.state import init_params
@@ -78,14 +78,14 @@ def prompts():
 
 def _greedy_ids(params, prompts, mesh, eos_id=TOK.eos_id):
   # 8 prompts in batches of 3: the last batch carries one row of filler.
-  return teacher_text.continuation_ids(
+  return continuations.continuation_ids(
       CFG, params, prompts, max_new_tokens=NEW_TOKENS, pad_id=TOK.pad_id, eos_id=eos_id,
       temperature=0.0, batch_size=BATCH, rng=jax.random.key(0), mesh=mesh)
 
 
 @pytest.fixture(scope='module')
 def greedy_texts(params, prompts, mesh):
-  return teacher_text.generate_continuations(
+  return continuations.generate_continuations(
       CFG, params, TOK, prompts, max_new_tokens=NEW_TOKENS, temperature=0.0, batch_size=BATCH,
       rng=jax.random.key(0), mesh=mesh)
 
@@ -159,12 +159,12 @@ def test_texts_decode_the_ids_and_skip_ids_past_the_vocabulary(params, prompts, 
                                                                greedy_texts):
   ids = _greedy_ids(params, prompts, mesh)
   assert greedy_texts == [TOK.decode([i for i in row if i < TOK.vocab_size]) for row in ids]
-  assert teacher_text.decode(TOK, [1, 4, 31, 5, 2]) == 'ab'
+  assert continuations.decode(TOK, [1, 4, 31, 5, 2]) == 'ab'
 
 
 def test_sampling_is_seeded(params, prompts):
   def texts(seed):
-    return teacher_text.generate_continuations(
+    return continuations.generate_continuations(
         CFG, params, TOK, prompts, max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=0,
         top_p=1.0, batch_size=BATCH, rng=jax.random.key(seed))
   first = texts(1)

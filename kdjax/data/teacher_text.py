@@ -2,7 +2,11 @@
 prompts taken from the training documents, stored as a TFDS dataset that the grain pipeline
 trains a student on exactly as it trains on the original corpus.
 
-  prompts_from_source -> generate_continuations -> write_dataset -> load_source -> pipeline
+  prompts_from_source -> kdjax.continuations.generate_continuations -> write_dataset
+    -> load_source -> pipeline
+
+This module only reads and writes data; generating the texts needs a model and lives above
+data/, in kdjax.continuations.
 
 A stored example is {'text': decode(prompt ids + new ids)}: the prompt is kept, so the student
 learns the whole sequence as one document (the pipeline puts BOS and EOS around it, as around
@@ -16,7 +20,7 @@ On disk (`directory`, written whole or not at all):
                                         files (random access, for tfds data sources and grain),
                                         examples in the order they were given (no shuffling)
 
-Letters in names: B batch, P prompt width (with left padding), N new tokens, T = P + N.
+Shape letters: kdjax's glossary (the package docstring).
 """
 
 from __future__ import annotations
@@ -28,13 +32,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from kdjax import sample
+from kdjax.cli import one_line
 from kdjax.data.tokenizer import TextTokenizer
-from kdjax.model import ModelConfig
 
 METADATA_FILE = 'kdjax_teacher_text.json'
 FORMAT = 'kdjax_teacher_text/1'
@@ -82,81 +84,6 @@ def prompts_from_source(source: Sequence[Any], tokenizer: TextTokenizer, *, num_
     if len(prompts) == found:  # a whole pass found nothing: every document is empty
       raise ValueError(f'none of the {len(source)} documents has a token to prompt with.')
   return prompts
-
-
-# --------------------------------------------------------------------------------- generation
-
-
-def _left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int) -> np.ndarray:
-  """prompt_BxP at a fixed width P (sample.left_pad takes the batch's own): one program for all
-  batches, whatever their longest prompt."""
-  prompt_BxP = np.full((len(prompts), width), pad_id, np.int32)
-  for row, prompt in zip(prompt_BxP, prompts):
-    row[width - len(prompt):] = prompt
-  return prompt_BxP
-
-
-def _cut_at_eos(new_ids: Sequence[int], eos_id: int | None) -> list[int]:
-  new_ids = [int(i) for i in new_ids]
-  if eos_id is not None and eos_id in new_ids:
-    return new_ids[:new_ids.index(eos_id)]
-  return new_ids
-
-
-def continuation_ids(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
-                     max_new_tokens: int, pad_id: int, eos_id: int | None,
-                     temperature: float = 1.0, top_k: int | None = None,
-                     top_p: float | None = None, batch_size: int = 64,
-                     rng: jax.Array | None = None, mesh=None) -> list[list[int]]:
-  """For each prompt, its ids followed by the sampled new ids up to (without) the first eos_id.
-
-  Batches of `batch_size` prompts go through sample.generate, left-padded to the longest prompt
-  of all; the last batch is filled up with copies of its last prompt (their outputs dropped), so
-  every batch has one shape and one compiled program serves them all. Batch i samples with
-  fold_in(rng, i): the texts depend on (rng, prompts, batch_size), not on anything else.
-  Temperature 0 is greedy, where top-k and top-p have no effect; top_k 0 and top_p 1.0 are off,
-  as None is.
-  """
-  if not prompts:
-    return []
-  if empty := [i for i, p in enumerate(prompts) if not p]:
-    raise ValueError(f'prompts {empty[:5]} have no tokens; every prompt needs at least one.')
-  rng = jax.random.key(0) if rng is None else rng
-  # One spelling of "off" for each, so equal settings share one compiled program.
-  top_k, top_p = top_k or None, None if top_p is None or top_p >= 1.0 else top_p
-  width = max(len(p) for p in prompts)
-  out: list[list[int]] = []
-  for i, start in enumerate(range(0, len(prompts), batch_size)):
-    batch = list(prompts[start:start + batch_size])
-    real = len(batch)
-    batch += [batch[-1]] * (batch_size - real)
-    tokens_BxT = np.asarray(sample.generate(
-        cfg, params, _left_pad(batch, width, pad_id), max_new_tokens=max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, rng=jax.random.fold_in(rng, i),
-        mesh=mesh, prompt_lengths_B=np.asarray([len(p) for p in batch], np.int32)))
-    for prompt, new_N in zip(batch[:real], tokens_BxT[:real, width:]):
-      out.append([int(t) for t in prompt] + _cut_at_eos(new_N, eos_id))
-  return out
-
-
-def decode(tokenizer: TextTokenizer, ids: Sequence[int]) -> str:
-  """Text of ids, without the ids past the tokenizer's vocabulary: a teacher whose vocab_size is
-  padded past the tokenizer's may (rarely) sample one, and no tokenizer can decode it."""
-  return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
-
-
-def generate_continuations(cfg: ModelConfig, params, tokenizer: TextTokenizer,
-                           prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                           temperature: float = 1.0, top_k: int | None = None,
-                           top_p: float | None = None, batch_size: int = 64,
-                           rng: jax.Array | None = None, mesh=None) -> list[str]:
-  """Each prompt and its sampled continuation (cut at the tokenizer's EOS), as text; see
-  continuation_ids."""
-  ids = continuation_ids(
-      cfg, params, prompts, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
-      eos_id=tokenizer.eos_id, temperature=temperature, top_k=top_k, top_p=top_p,
-      batch_size=batch_size, rng=rng, mesh=mesh)
-  return [decode(tokenizer, row) for row in ids]
 
 
 # ------------------------------------------------------------------------------------ storage
@@ -235,5 +162,5 @@ def load_source(directory: str | os.PathLike[str], split: str = 'train') -> grai
     source = tfds.builder_from_directory(tfds_dir).as_data_source(split)
   except OSError as e:  # TFDS's DatasetInfoFileError for a missing dataset_info.json
     raise FileNotFoundError(f'{tfds_dir} is not a readable TFDS dataset '
-                            f'({" ".join(str(e).split())[:120]}); {_HOW_TO_BUILD}.') from None
+                            f'({one_line(e, 120)}); {_HOW_TO_BUILD}.') from None
   return grain.MapDataset.source(source).map(_as_example)

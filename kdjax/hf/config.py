@@ -200,7 +200,7 @@ def hf_config(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
   else:
     hf = dict(base, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
               num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-              head_dim=cfg.k, intermediate_size=cfg.mlp_dim,
+              head_dim=cfg.head_size, intermediate_size=cfg.mlp_dim,
               max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
               rope_theta=cfg.rope_theta, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     act = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}.get(cfg.activation, cfg.activation)
@@ -215,7 +215,7 @@ def hf_config(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
     if family in ("qwen2", "qwen3"):
       hf["use_sliding_window"] = False
     if family == "gemma2":
-      hf.update(query_pre_attn_scalar=round((cfg.query_scale or cfg.k ** -0.5) ** -2),
+      hf.update(query_pre_attn_scalar=round((cfg.query_scale or cfg.head_size ** -0.5) ** -2),
                 attn_logit_softcapping=cfg.attn_softcap or None,
                 final_logit_softcapping=cfg.logit_softcap or None,
                 layer_types=["sliding_attention" if cfg.is_local(i) else "full_attention"

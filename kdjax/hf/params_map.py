@@ -102,7 +102,7 @@ def _layer_entries(cfg: ModelConfig, family: str, p: str) -> dict[tuple[str, ...
   """Per-layer params; `p` is the layer's name prefix in the checkpoint."""
   if family == "gpt2":
     return _gpt2_layer_entries(cfg, p)
-  h, n, k = cfg.num_heads, cfg.num_kv_heads, cfg.k
+  h, n, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
   a = p + "self_attn."
   e = {("attn", "query", "kernel"): _linear(a + "q_proj.weight", (h, k)),
        ("attn", "key", "kernel"): _linear(a + "k_proj.weight", (n, k)),
@@ -129,7 +129,7 @@ def _layer_entries(cfg: ModelConfig, family: str, p: str) -> dict[tuple[str, ...
 
 def _gpt2_layer_entries(cfg: ModelConfig, p: str) -> dict[tuple[str, ...], Entry]:
   """GPT-2's per-layer params: Conv1D weights are already [in, out]."""
-  h, k, d = cfg.num_heads, cfg.k, cfg.d_model
+  h, k, d = cfg.num_heads, cfg.head_size, cfg.d_model
 
   def part(i, shape):  # one third of the fused c_attn (Conv1D: [in, out])
     return lambda w: w[..., i * d:(i + 1) * d].reshape(shape)

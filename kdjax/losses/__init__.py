@@ -1,8 +1,9 @@
 """Distillation losses: next-token cross-entropy, teacher/student divergences, feature losses.
 
-Shape letters: B batch, L length, D width, V vocab, M mapped layer pairs. Prefix `t_` is the
-teacher, `s_` the student. The package knows no model and no training step: it takes logits,
-hidden states or attention maps and returns float32 scalars (means over unmasked tokens).
+Shape letters (the glossary is in kdjax/__init__.py): B batch, L length, D width, V vocab, M mapped
+layer pairs. Prefix `t_` is the teacher, `s_` the student. The package knows no model and no
+training step: it takes logits, hidden states or attention maps and returns float32 scalars (means
+over unmasked tokens).
 
   divergences   the one registry DIVERGENCES: name -> Divergence (a per-token function on float32
                 log-probabilities; calling it gives T^2 times the masked mean), cross_entropy,

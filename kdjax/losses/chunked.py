@@ -1,7 +1,8 @@
 """The distillation loss fused with both unembeddings, chunked over tokens (a custom VJP).
 
-Shape letters: B batch, L length, D width, V vocab; G chunks, C a chunk's positions per row,
-T = B * C a chunk's tokens, N any number of tokens. Prefix `t_` is the teacher, `s_` the student.
+Shape letters (the glossary is in kdjax/__init__.py): B batch, L length, D width, V vocab; Q
+chunks, W a chunk's positions per row, T = B * W a chunk's tokens. Prefix `t_` is the teacher, `s_`
+the student.
 
 The divergence comes from the same registry as the unchunked loss (divergences.DIVERGENCES), and
 per chunk the same float32 per-token functions run, so values and gradients equal
@@ -21,11 +22,14 @@ from kdjax.losses.divergences import (blend, cross_entropy_BxL, distillation_los
 Array = jax.Array
 
 
-def logits_from_hidden(hidden_NxD: Array, unembed_DxV: Array, softcap: float = 0.0) -> Array:
-  """hidden @ unembed in float32 (accumulated in f32 whatever the inputs), then the soft-cap."""
-  logits_NxV = jnp.einsum("...d,dv->...v", hidden_NxD, unembed_DxV,
-                          preferred_element_type=jnp.float32)
-  return softcap * jnp.tanh(logits_NxV / softcap) if softcap > 0 else logits_NxV
+def logits_from_hidden(hidden_BxLxD: Array, unembed_DxV: Array, softcap: float = 0.0) -> Array:
+  """hidden @ unembed in float32 (accumulated in f32 whatever the inputs), then the soft-cap.
+
+  Any leading axes: BxLxD gives BxLxV, a chunk's BxWxD gives BxWxV.
+  """
+  logits_BxLxV = jnp.einsum("...d,dv->...v", hidden_BxLxD, unembed_DxV,
+                            preferred_element_type=jnp.float32)
+  return softcap * jnp.tanh(logits_BxLxV / softcap) if softcap > 0 else logits_BxLxV
 
 
 def chunked_distillation_loss(s_hidden_BxLxD: Array, s_unembed_DxV: Array, t_hidden_BxLxD: Array,
@@ -118,8 +122,8 @@ def _fused_forward(cfg: _ChunkSettings, s_hidden_BxLxD, s_unembed_DxV, t_hidden_
                            alpha, temperature, denom)
   init = (jnp.zeros(s_unembed_DxV.shape, jnp.float32), jnp.zeros((), jnp.float32),
           jnp.zeros((), jnp.float32))
-  (d_unembed_DxV, soft_sum, hard_sum), d_hidden_GxBxCxD = jax.lax.scan(step, init, xs)
-  d_hidden_BxLxD = jnp.swapaxes(d_hidden_GxBxCxD, 0, 1).reshape(b, padded_len, -1)[:, :length]
+  (d_unembed_DxV, soft_sum, hard_sum), d_hidden_QxBxWxD = jax.lax.scan(step, init, xs)
+  d_hidden_BxLxD = jnp.swapaxes(d_hidden_QxBxWxD, 0, 1).reshape(b, padded_len, -1)[:, :length]
   d_hidden_BxLxD = d_hidden_BxLxD.astype(s_hidden_BxLxD.dtype)
   soft, hard = soft_sum / denom, hard_sum / denom
   grads = (d_hidden_BxLxD, d_unembed_DxV.astype(s_unembed_DxV.dtype))
@@ -130,39 +134,39 @@ def _chunk_step(cfg: _ChunkSettings, s_unembed_DxV, t_unembed_DxV, alpha, temper
                 carry, chunk_xs):
   """One scan step: a chunk's loss sums and its gradients w.r.t. s_hidden and s_unembed."""
   d_unembed_DxV, soft_sum, hard_sum = carry
-  s_h_BxCxD, t_h_BxCxD, labels_BxC, mask_BxC = chunk_xs
-  t_logits_BxCxV = logits_from_hidden(jax.lax.stop_gradient(t_h_BxCxD), t_unembed_DxV,
+  s_h_BxWxD, t_h_BxWxD, labels_BxW, mask_BxW = chunk_xs
+  t_logits_BxWxV = logits_from_hidden(jax.lax.stop_gradient(t_h_BxWxD), t_unembed_DxV,
                                       cfg.t_softcap)
-  chunk_loss = functools.partial(_chunk_loss, cfg, alpha, temperature, denom, t_logits_BxCxV,
-                                 labels_BxC, mask_BxC)
-  # The matmuls run on the chunk's tokens flattened to 2-D (T = B * C): XLA:CPU contracts two
+  chunk_loss = functools.partial(_chunk_loss, cfg, alpha, temperature, denom, t_logits_BxWxV,
+                                 labels_BxW, mask_BxW)
+  # The matmuls run on the chunk's tokens flattened to 2-D (T = B * W): XLA:CPU contracts two
   # axes at once (the d_unembed matmul) much more slowly.
-  b_rows, c, d = s_h_BxCxD.shape
-  s_h_TxD = s_h_BxCxD.reshape(b_rows * c, d)
+  b_rows, w, d = s_h_BxWxD.shape
+  s_h_TxD = s_h_BxWxD.reshape(b_rows * w, d)
   s_raw_TxV = jnp.dot(s_h_TxD, s_unembed_DxV, preferred_element_type=jnp.float32)
-  _, vjp, (soft, hard) = jax.vjp(chunk_loss, s_raw_TxV.reshape(b_rows, c, -1), has_aux=True)
-  (g_raw_BxCxV,) = vjp(jnp.ones((), jnp.float32))
-  g_raw_TxV = g_raw_BxCxV.reshape(b_rows * c, -1)
+  _, vjp, (soft, hard) = jax.vjp(chunk_loss, s_raw_TxV.reshape(b_rows, w, -1), has_aux=True)
+  (g_raw_BxWxV,) = vjp(jnp.ones((), jnp.float32))
+  g_raw_TxV = g_raw_BxWxV.reshape(b_rows * w, -1)
   d_hidden_TxD = jnp.dot(g_raw_TxV, s_unembed_DxV.T, preferred_element_type=jnp.float32)
   d_unembed_DxV = d_unembed_DxV + jnp.dot(s_h_TxD.T, g_raw_TxV,
                                           preferred_element_type=jnp.float32)
-  return (d_unembed_DxV, soft_sum + soft, hard_sum + hard), d_hidden_TxD.reshape(b_rows, c, d)
+  return (d_unembed_DxV, soft_sum + soft, hard_sum + hard), d_hidden_TxD.reshape(b_rows, w, d)
 
 
-def _chunk_loss(cfg: _ChunkSettings, alpha, temperature, denom, t_logits_BxCxV, labels_BxC,
-                mask_BxC, s_raw_BxCxV):
+def _chunk_loss(cfg: _ChunkSettings, alpha, temperature, denom, t_logits_BxWxV, labels_BxW,
+                mask_BxW, s_raw_BxWxV):
   """The chunk's share of the total loss, and its (soft, hard) token sums for the metrics."""
-  s_logits_BxCxV = (cfg.s_softcap * jnp.tanh(s_raw_BxCxV / cfg.s_softcap)
-                    if cfg.s_softcap > 0 else s_raw_BxCxV)
-  keep_BxC = mask_BxC != 0  # a where, as in masked_mean: masked inf/NaN cannot leak
-  ce_BxC = cross_entropy_BxL(s_logits_BxCxV, labels_BxC)
-  hard = jnp.sum(jnp.where(keep_BxC, ce_BxC * mask_BxC, 0.0))
+  s_logits_BxWxV = (cfg.s_softcap * jnp.tanh(s_raw_BxWxV / cfg.s_softcap)
+                    if cfg.s_softcap > 0 else s_raw_BxWxV)
+  keep_BxW = mask_BxW != 0  # a where, as in masked_mean: masked inf/NaN cannot leak
+  ce_BxW = cross_entropy_BxL(s_logits_BxWxV, labels_BxW)
+  hard = jnp.sum(jnp.where(keep_BxW, ce_BxW * mask_BxW, 0.0))
   soft = jnp.zeros((), jnp.float32)
   if cfg.alpha is None or cfg.alpha > 0.0:
-    per_token_BxC = divergence(cfg.loss).per_token(s_logits_BxCxV, t_logits_BxCxV,
+    per_token_BxW = divergence(cfg.loss).per_token(s_logits_BxWxV, t_logits_BxWxV,
                                                    temperature=temperature, beta=cfg.beta,
                                                    skew=cfg.skew)
-    soft = temperature**2 * jnp.sum(jnp.where(keep_BxC, per_token_BxC * mask_BxC, 0.0))
+    soft = temperature**2 * jnp.sum(jnp.where(keep_BxW, per_token_BxW * mask_BxW, 0.0))
   return blend(alpha, soft, hard) / denom, (soft, hard)
 
 

@@ -1,6 +1,7 @@
 """Token-level divergences between teacher and student, cross-entropy, and their blend.
 
-Shape letters: B batch, L length, V vocab. Prefix `t_` is the teacher, `s_` the student.
+Shape letters (the glossary is in kdjax/__init__.py): B batch, L length, V vocab. Prefix `t_` is the
+teacher, `s_` the student.
 
 Conventions shared by every loss in kdjax.losses:
 

@@ -1,9 +1,9 @@
 """Feature losses: the student's hidden states and attention maps against the teacher's.
 
-Shape letters: M mapped layer pairs (see kdjax.features), B batch, L length, D the teacher's width
-(the student's hidden states are projected to it first when widths differ). Prefix `t_` is the
-teacher, `s_` the student. Both losses run in at least float32 and are means over the M pairs and
-the real tokens, as in kdjax.losses.divergences.
+Shape letters (the glossary is in kdjax/__init__.py): M mapped layer pairs (see kdjax.features),
+B batch, L length, D the teacher's width (the student's hidden states are projected to it first
+when widths differ). Prefix `t_` is the teacher, `s_` the student. Both losses run in at least
+float32 and are means over the M pairs and the real tokens, as in kdjax.losses.divergences.
 """
 
 import jax

@@ -1,6 +1,7 @@
 """Soft losses against a cached teacher: three estimators of T^2 KL(p_t || p_s).
 
-Shape letters: B batch, L length, V vocab, K cached ids per token (top-k or sampled slots).
+Shape letters (the glossary is in kdjax/__init__.py): B batch, L length, V vocab, J top-k entries
+per token (J1 = J + 1 buckets), E sample slots per token.
 
 The cache (kdjax/teacher_cache/format.py) holds, per token, the teacher's top-k log-probs at
 temperature 1, ell_v = log softmax(t_logits)_v, and the log-mass of the rest. Training at
@@ -22,12 +23,12 @@ temperature T needs p_T(v) = softmax(ell / T)_v; each estimator recovers what it
                    vocabulary, which equals the KL over the k + 1 buckets since both tails have
                    the same shape. At T = 1 the tail bucket is r itself. Merging ids into buckets
                    never increases a KL: this is a lower bound on the full KL at T = 1.
-  'sampled'        (Gemma 3) N ids drawn i.i.d. from the tempered teacher p_Ts at cache time
+  'sampled'        (Gemma 3) E ids drawn i.i.d. from the tempered teacher p_Ts at cache time
                    (Ts, the cache's sample_temperature, is the training temperature the cache
                    is built for); the cache keeps the distinct ids v, their counts c_v
-                   (sum c_v = N) and log p_Ts(v). The target is the empirical distribution
-                   c_v / N, an unbiased estimate of p_Ts, and the value
-                   T^2 sum_v (c_v / N) (log p_Ts(v) - log q_T(v)) is the Monte Carlo estimate of
+                   (sum c_v = E) and log p_Ts(v). The target is the empirical distribution
+                   c_v / E, an unbiased estimate of p_Ts, and the value
+                   T^2 sum_v (c_v / E) (log p_Ts(v) - log q_T(v)) is the Monte Carlo estimate of
                    T^2 KL(p_T || q_T), unbiased in value and gradient when T = Ts (the reader
                    checks that they agree). (The Gemma 3 report describes keeping the teacher's
                    own probabilities on the sampled ids, renormalised; that target is biased
@@ -68,16 +69,16 @@ _masked_mean = losses.masked_mean
 _kl_BxL = losses.kl_BxL
 
 
-def _gather(x_BxLxV: Array, ids_BxLxK: Array) -> Array:
-  return jnp.take_along_axis(x_BxLxV, ids_BxLxK.astype(jnp.int32), axis=-1)
+def _gather(x_BxLxV: Array, ids_BxLxJ: Array) -> Array:
+  return jnp.take_along_axis(x_BxLxV, ids_BxLxJ.astype(jnp.int32), axis=-1)
 
 
-def _in_ids(ids_BxLxK: Array, vocab_size: int) -> Array:
+def _in_ids(ids_BxLxJ: Array, vocab_size: int) -> Array:
   """B x L x V bool: True at the ids listed for each token."""
-  b, l, _ = ids_BxLxK.shape
+  b, l, _ = ids_BxLxJ.shape
   return jnp.zeros((b, l, vocab_size), bool).at[
       jnp.arange(b)[:, None, None], jnp.arange(l)[None, :, None],
-      ids_BxLxK.astype(jnp.int32)].set(True)
+      ids_BxLxJ.astype(jnp.int32)].set(True)
 
 
 def _outside_logsumexp(x_BxLxV: Array, in_ids_BxLxV: Array) -> Array:
@@ -90,31 +91,31 @@ def _outside_logsumexp(x_BxLxV: Array, in_ids_BxLxV: Array) -> Array:
   return jnp.where(empty_BxLx1[..., 0], -jnp.inf, lse_BxL)
 
 
-def complement_logsumexp(logp_BxLxV: Array, ids_BxLxK: Array) -> Array:
+def complement_logsumexp(logp_BxLxV: Array, ids_BxLxJ: Array) -> Array:
   """log sum_{v not in ids} exp(logp_v): the log-mass outside `ids`, -inf if they cover V.
 
   A sum over the complement, not log(1 - sum over ids), which cancels to noise when the ids
   hold nearly all the mass. Gradients are finite even when the complement is empty.
   """
-  return _outside_logsumexp(logp_BxLxV, _in_ids(ids_BxLxK, logp_BxLxV.shape[-1]))
+  return _outside_logsumexp(logp_BxLxV, _in_ids(ids_BxLxJ, logp_BxLxV.shape[-1]))
 
 
-def topk_renorm_per_token(s_logits_BxLxV: Array, ids_BxLxK: Array, t_logprobs_BxLxK: Array, *,
+def topk_renorm_per_token(s_logits_BxLxV: Array, ids_BxLxJ: Array, t_logprobs_BxLxJ: Array, *,
                           temperature: float) -> Array:
   """KL over the teacher's top-k ids, both sides renormalised there (no T^2)."""
-  t_logp_BxLxK = jax.nn.log_softmax(_f32(t_logprobs_BxLxK) / temperature, axis=-1)
-  s_logp_BxLxK = jax.nn.log_softmax(_gather(_f32(s_logits_BxLxV), ids_BxLxK) / temperature,
+  t_logp_BxLxJ = jax.nn.log_softmax(_f32(t_logprobs_BxLxJ) / temperature, axis=-1)
+  s_logp_BxLxJ = jax.nn.log_softmax(_gather(_f32(s_logits_BxLxV), ids_BxLxJ) / temperature,
                                     axis=-1)
-  return _kl_BxL(t_logp_BxLxK, s_logp_BxLxK)
+  return _kl_BxL(t_logp_BxLxJ, s_logp_BxLxJ)
 
 
-def topk_residual_per_token(s_logits_BxLxV: Array, ids_BxLxK: Array, t_logprobs_BxLxK: Array,
+def topk_residual_per_token(s_logits_BxLxV: Array, ids_BxLxJ: Array, t_logprobs_BxLxJ: Array,
                             t_residual_BxL: Array, *, temperature: float) -> Array:
   """KL over k + 1 buckets: the top-k ids and the rest (no T^2); see the module docstring."""
-  in_ids_BxLxV = _in_ids(ids_BxLxK, s_logits_BxLxV.shape[-1])
+  in_ids_BxLxV = _in_ids(ids_BxLxJ, s_logits_BxLxV.shape[-1])
   s_logp_BxLxV = jax.nn.log_softmax(_f32(s_logits_BxLxV) / temperature, axis=-1)
-  s_logp_BxLxK1 = jnp.concatenate(
-      [_gather(s_logp_BxLxV, ids_BxLxK),
+  s_logp_BxLxJ1 = jnp.concatenate(
+      [_gather(s_logp_BxLxV, ids_BxLxJ),
        _outside_logsumexp(s_logp_BxLxV, in_ids_BxLxV)[..., None]], axis=-1)
   # log sum_j (q_j / r_q)^(1/T) over the tail: how tempering spreads a tail shaped like the
   # student's (0 at T = 1). A constant: the teacher's target gets no gradient.
@@ -125,26 +126,26 @@ def topk_residual_per_token(s_logits_BxLxV: Array, ids_BxLxK: Array, t_logprobs_
                          - s_tail1_BxL / temperature)
   # The teacher's k + 1 tempered buckets, renormalised (which also absorbs the rounding of
   # float16 log-probs, so they always sum to one).
-  t_buckets_BxLxK1 = jnp.concatenate(
-      [_f32(t_logprobs_BxLxK) / temperature,
+  t_buckets_BxLxJ1 = jnp.concatenate(
+      [_f32(t_logprobs_BxLxJ) / temperature,
        (_f32(t_residual_BxL) / temperature + spread_BxL)[..., None]], axis=-1)
-  return _kl_BxL(jax.nn.log_softmax(t_buckets_BxLxK1, axis=-1), s_logp_BxLxK1)
+  return _kl_BxL(jax.nn.log_softmax(t_buckets_BxLxJ1, axis=-1), s_logp_BxLxJ1)
 
 
-def sampled_per_token(s_logits_BxLxV: Array, ids_BxLxN: Array, counts_BxLxN: Array,
-                      t_logprobs_BxLxN: Array, *, temperature: float) -> Array:
+def sampled_per_token(s_logits_BxLxV: Array, ids_BxLxE: Array, counts_BxLxE: Array,
+                      t_logprobs_BxLxE: Array, *, temperature: float) -> Array:
   """Monte Carlo KL(p_T || q_T) from ids drawn from p_T (no T^2); see the module docstring.
 
-  `t_logprobs_BxLxN` are log p_T of the drawn ids, T the temperature they were drawn at. Slots
+  `t_logprobs_BxLxE` are log p_T of the drawn ids, T the temperature they were drawn at. Slots
   with count 0 are padding: they carry no weight, whatever their id and log-prob.
   """
-  counts_BxLxN = _f32(counts_BxLxN)
-  used_BxLxN = counts_BxLxN > 0
-  pi_BxLxN = counts_BxLxN / jnp.maximum(jnp.sum(counts_BxLxN, axis=-1, keepdims=True), 1.0)
-  s_logp_BxLxN = _gather(jax.nn.log_softmax(_f32(s_logits_BxLxV) / temperature, axis=-1),
-                         ids_BxLxN)
-  log_ratio_BxLxN = jnp.where(used_BxLxN, _f32(t_logprobs_BxLxN) - s_logp_BxLxN, 0.0)
-  return jnp.sum(pi_BxLxN * log_ratio_BxLxN, axis=-1)
+  counts_BxLxE = _f32(counts_BxLxE)
+  used_BxLxE = counts_BxLxE > 0
+  pi_BxLxE = counts_BxLxE / jnp.maximum(jnp.sum(counts_BxLxE, axis=-1, keepdims=True), 1.0)
+  s_logp_BxLxE = _gather(jax.nn.log_softmax(_f32(s_logits_BxLxV) / temperature, axis=-1),
+                         ids_BxLxE)
+  log_ratio_BxLxE = jnp.where(used_BxLxE, _f32(t_logprobs_BxLxE) - s_logp_BxLxE, 0.0)
+  return jnp.sum(pi_BxLxE * log_ratio_BxLxE, axis=-1)
 
 
 def _topk_renorm(s_logits_BxLxV, cached, temperature):

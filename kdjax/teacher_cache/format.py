@@ -1,18 +1,19 @@
 """The on-disk format of a teacher cache: record layout, manifest and fingerprints.
 
-Shape letters: B batch, L length, V vocab, K top-k ids, N sample slots per token.
+Shape letters (the glossary is in kdjax/__init__.py): B batch, L length, V vocab, J top-k entries
+per token, E sample slots per token.
 
 One ArrayRecord record is one row of one step, record index (step - 1) * B + row. A record is
 fixed-size little-endian raw arrays, in the order `manifest['layout']` lists them:
 
   step, row             int64          where the record belongs (a misordered file is caught)
   digest                16 x uint8     blake2b of the row's inputs, targets and segment ids
-  topk_ids              L x K          uint16 (uint32 past 65536 ids), sorted by probability
-  topk_logprobs         L x K          log p_v at T = 1, float16 (default) or float32
+  topk_ids              L x J          uint16 (uint32 past 65536 ids), sorted by probability
+  topk_logprobs         L x J          log p_v at T = 1, float16 (default) or float32
   residual              L float32      log(1 - sum of the top-k p): the tail's log-mass
-  sample_ids            L x N          distinct ids among N draws from p_Ts (slots past them: 0)
-  sample_counts         L x N          how often each was drawn (0 = an unused slot)
-  sample_logprobs       L x N          log p_Ts of the sampled ids (0 on unused slots)
+  sample_ids            L x E          distinct ids among E draws from p_Ts (slots past them: 0)
+  sample_counts         L x E          how often each was drawn (0 = an unused slot)
+  sample_logprobs       L x E          log p_Ts of the sampled ids (0 on unused slots)
 
 (sample_* only with samples > 0; p_Ts is the teacher at the manifest's sample_temperature, the
 training temperature the 'sampled' estimator is unbiased for.) No pickle anywhere: manifest.json
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from kdjax.settings import FrozenTeacher, ModelSources
 from kdjax.teacher_cache import estimators
 
 FORMAT = "kdjax-teacher-cache"
@@ -156,19 +158,20 @@ def _sha(value: Any) -> str:
 def teacher_fingerprint(config: Any, workdir: str) -> dict[str, Any]:
   """Which teacher a cache comes from, as far as the config tells without loading it: its
   shapes, how it runs (frozen_teacher dtypes) and its source (path and latest checkpoint step)."""
-  if config.get("teacher_hf"):
-    source = {"teacher_hf": os.path.abspath(config.teacher_hf)}
+  sources = ModelSources.from_config(config)
+  if sources.teacher_hf:
+    source = {"teacher_hf": os.path.abspath(sources.teacher_hf)}
   else:
-    given = config.get("teacher_checkpoint")
+    given = sources.teacher_checkpoint
     directory = given or os.path.join(workdir, "teacher", "checkpoints")
     steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(
         directory) else []
     # A workdir's own teacher is named relative to it, so a moved workdir keeps its caches.
     source = {"teacher_checkpoint": os.path.abspath(given) if given else "<workdir>/teacher",
               "step": max(steps) if steps else None}
-  frozen = config.get("frozen_teacher", {})
+  frozen = FrozenTeacher.from_config(config)
   described = {"teacher": config.teacher.to_dict(), "source": source,
-               "dtype": frozen.get("dtype", ""), "param_dtype": frozen.get("param_dtype", "")}
+               "dtype": frozen.dtype, "param_dtype": frozen.param_dtype}
   return {**described, "hash": _sha(described)}
 
 
@@ -178,7 +181,7 @@ _TRAIN_DATA_FIELDS = ("name", "train_split", "text_key", "tokenizer_path", "voca
 
 def data_fingerprint(config: Any) -> str:
   """Hash of the data settings that decide the training batches (not where files live)."""
-  return _sha({k: config.data.get(k) for k in _TRAIN_DATA_FIELDS})
+  return _sha({k: config.data[k] for k in _TRAIN_DATA_FIELDS})
 
 
 def vocab_size(config: Any) -> int:

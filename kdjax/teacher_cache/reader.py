@@ -1,6 +1,7 @@
 """Reading a teacher cache: one step's arrays, checked, and the training stream with them.
 
-Shape letters: B batch, L length, K top-k ids, R rows read.
+Shape letters (the glossary is in kdjax/__init__.py): B batch, L length, J top-k entries per token,
+E sample slots per token.
 
 `TeacherCache(path).batch(step, tokens=batch)` gives step `step`'s arrays (the t_* keys of
 estimators) after checking them against the batch; `CachedBatches(stream, cache)` is the training
@@ -19,6 +20,7 @@ import grain
 import jax
 import numpy as np
 
+from kdjax.settings import TeacherSources
 from kdjax.teacher_cache import estimators
 from kdjax.teacher_cache import format as cache_format
 
@@ -74,8 +76,8 @@ class TeacherCache:
 
   def batch(self, step: int, tokens: dict[str, np.ndarray] | None = None,
             rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-    """{t_topk_ids, t_topk_logprobs, t_residual, [t_sample_*]}: R x L (x K) arrays of `rows`
-    (default: all B rows) of step `step`, in their stored dtypes.
+    """{t_topk_ids, t_topk_logprobs, t_residual, [t_sample_*]} of step `step`: len(rows) x L
+    (x J or x E) arrays of `rows` (default: all B rows), in their stored dtypes.
 
     `tokens`, the training batch of this step (its rows `rows`), is checked against the digest
     stored with every row: a cache built on other batches raises CacheMismatch.
@@ -108,9 +110,9 @@ class TeacherCache:
 
   def check_config(self, config: Any, workdir: str, estimator: str | None = None) -> None:
     """Raises CacheMismatch unless this cache fits the distilled phase `config` runs with the
-    soft loss `estimator` (default: config.distill.cache_estimator, if the config has it)."""
+    soft loss `estimator` (default: config.distill.cache_estimator)."""
     m = self.manifest
-    estimator = estimator or config.distill.get("cache_estimator") or None
+    estimator = estimator or TeacherSources.from_config(config.distill).cache_estimator or None
     want = {"data_seed": int(config.seed) + 1, "seq_len": int(config.data.seq_len),
             "batch_size": int(config.data.batch_size),
             "vocab_size": cache_format.vocab_size(config),

@@ -1,6 +1,7 @@
 """Building a teacher cache: the teacher's targets per batch, and the files that hold them.
 
-Shape letters: B batch, L length, V vocab, K top-k ids, N sample slots per token.
+Shape letters (the glossary is in kdjax/__init__.py): B batch, L length, V vocab, J top-k entries
+per token, E sample slots per token.
 
 The teacher runs once over the distilled phase's training stream (the batches that phase sees at
 steps 1..S with its data seed, config.seed + 1). A cache is built under `<dir>.partial/` (a shard
@@ -35,25 +36,25 @@ _WRITER_OPTIONS = "group_size:1"
 
 def _sample_targets(t_logits_BxLxV: jax.Array, *, samples: int, rng: jax.Array,
                     sample_temperature: float) -> dict[str, jax.Array]:
-  """N draws per token from p_Ts, folded into distinct ids, their counts and log p_Ts."""
+  """E draws per token from p_Ts, folded into distinct ids, their counts and log p_Ts."""
   t_logp_BxLxV = jax.nn.log_softmax(t_logits_BxLxV / sample_temperature, axis=-1)
   b, l, _ = t_logp_BxLxV.shape
   cdf_BxLxV = jnp.cumsum(jnp.exp(t_logp_BxLxV), axis=-1)
   # u in [0, cdf[-1]): float32 rounding of the cumulative sum can never pick a p = 0 id past it.
-  u_BxLxN = jax.random.uniform(rng, (b, l, samples)) * cdf_BxLxV[..., -1:]
-  draws_BxLxN = jax.vmap(jax.vmap(lambda c, u: jnp.searchsorted(c, u, side="right")))(
-      cdf_BxLxV, u_BxLxN).astype(jnp.int32)
-  draws_BxLxN = jnp.sort(draws_BxLxN, axis=-1)
-  first_BxLxN = jnp.concatenate([jnp.ones((b, l, 1), bool),
-                                 draws_BxLxN[..., 1:] != draws_BxLxN[..., :-1]], axis=-1)
-  slot_BxLxN = jnp.cumsum(first_BxLxN, axis=-1) - 1  # distinct ids fill slots 0, 1, ...
-  where = (jnp.arange(b)[:, None, None], jnp.arange(l)[None, :, None], slot_BxLxN)
-  ids_BxLxN = jnp.zeros((b, l, samples), jnp.int32).at[where].set(draws_BxLxN)
-  counts_BxLxN = jnp.zeros((b, l, samples), jnp.int32).at[where].add(1)
-  logprobs_BxLxN = jnp.where(counts_BxLxN > 0,
-                             jnp.take_along_axis(t_logp_BxLxV, ids_BxLxN, axis=-1), 0.0)
-  return {estimators.SAMPLE_IDS: ids_BxLxN, estimators.SAMPLE_COUNTS: counts_BxLxN,
-          estimators.SAMPLE_LOGPROBS: logprobs_BxLxN}
+  u_BxLxE = jax.random.uniform(rng, (b, l, samples)) * cdf_BxLxV[..., -1:]
+  draws_BxLxE = jax.vmap(jax.vmap(lambda c, u: jnp.searchsorted(c, u, side="right")))(
+      cdf_BxLxV, u_BxLxE).astype(jnp.int32)
+  draws_BxLxE = jnp.sort(draws_BxLxE, axis=-1)
+  first_BxLxE = jnp.concatenate([jnp.ones((b, l, 1), bool),
+                                 draws_BxLxE[..., 1:] != draws_BxLxE[..., :-1]], axis=-1)
+  slot_BxLxE = jnp.cumsum(first_BxLxE, axis=-1) - 1  # distinct ids fill slots 0, 1, ...
+  where = (jnp.arange(b)[:, None, None], jnp.arange(l)[None, :, None], slot_BxLxE)
+  ids_BxLxE = jnp.zeros((b, l, samples), jnp.int32).at[where].set(draws_BxLxE)
+  counts_BxLxE = jnp.zeros((b, l, samples), jnp.int32).at[where].add(1)
+  logprobs_BxLxE = jnp.where(counts_BxLxE > 0,
+                             jnp.take_along_axis(t_logp_BxLxV, ids_BxLxE, axis=-1), 0.0)
+  return {estimators.SAMPLE_IDS: ids_BxLxE, estimators.SAMPLE_COUNTS: counts_BxLxE,
+          estimators.SAMPLE_LOGPROBS: logprobs_BxLxE}
 
 
 def compute_targets(t_logits_BxLxV: jax.Array, *, top_k: int, samples: int = 0,
@@ -61,18 +62,18 @@ def compute_targets(t_logits_BxLxV: jax.Array, *, top_k: int, samples: int = 0,
                     sample_temperature: float = 1.0) -> dict[str, jax.Array]:
   """What a cache stores for a batch, from the teacher's logits (jittable; float32 inside).
 
-  The top-k are of p = softmax(t_logits), at temperature 1. Sampling draws N = `samples` ids
-  i.i.d. from p_Ts = softmax(t_logits / sample_temperature) per token by inverting its CDF at N
-  uniform points (memory B x L x (V + N), not the B x L x N x V of Gumbel draws); ids with
+  The top-k are of p = softmax(t_logits), at temperature 1. Sampling draws E = `samples` ids
+  i.i.d. from p_Ts = softmax(t_logits / sample_temperature) per token by inverting its CDF at E
+  uniform points (memory B x L x (V + E), not the B x L x E x V of Gumbel draws); ids with
   p = 0 are never drawn. The draws are then folded into distinct ids and counts.
   """
   t_logits_BxLxV = t_logits_BxLxV.astype(jnp.float32)
   t_logp_BxLxV = jax.nn.log_softmax(t_logits_BxLxV, axis=-1)
   out = {}
   if top_k:
-    logprobs_BxLxK, ids_BxLxK = jax.lax.top_k(t_logp_BxLxV, top_k)
-    out.update({estimators.TOPK_IDS: ids_BxLxK, estimators.TOPK_LOGPROBS: logprobs_BxLxK,
-                estimators.RESIDUAL: estimators.complement_logsumexp(t_logp_BxLxV, ids_BxLxK)})
+    logprobs_BxLxJ, ids_BxLxJ = jax.lax.top_k(t_logp_BxLxV, top_k)
+    out.update({estimators.TOPK_IDS: ids_BxLxJ, estimators.TOPK_LOGPROBS: logprobs_BxLxJ,
+                estimators.RESIDUAL: estimators.complement_logsumexp(t_logp_BxLxV, ids_BxLxJ)})
   if samples:
     out.update(_sample_targets(t_logits_BxLxV, samples=samples, rng=rng,
                                sample_temperature=sample_temperature))

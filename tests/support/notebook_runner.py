@@ -6,7 +6,7 @@ import os
 import nbclient
 import nbformat
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
 
 def execute(name: str, timeout: int = 600) -> str:

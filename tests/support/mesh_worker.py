@@ -1,8 +1,9 @@
 """Runs one distillation step on several meshes of 8 CPU devices; tests/test_sharding.py reads it.
 
-Launched as a subprocess because the CPU device count is fixed when JAX's backend starts:
+Launched as a subprocess because the CPU device count is fixed when JAX's backend starts (kdjax
+installed, or PYTHONPATH=. from the repo root):
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_worker.py OUT.npz
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/support/mesh_worker.py OUT.npz
 
 For each mesh it writes the first step's metrics, the updated student params and the sharding of
 every param (spec and per-device shard shape). The reference is one device of the same process.
@@ -10,17 +11,15 @@ every param (spec and per-device shard shape). The reference is one device of th
 
 import dataclasses
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kdjax  # noqa: E402,F401  (XLA flags before the backend starts)
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import kdjax  # noqa: F401  (XLA flags before the backend starts)
+import jax
+import numpy as np
+import optax
 
-from kdjax import sharding, train  # noqa: E402
-from kdjax.model import ModelConfig  # noqa: E402
+from kdjax import sharding, train
+from kdjax.model import ModelConfig
 from kdjax.settings import DistillSettings
 from kdjax.state import create_train_state, init_params, param_shardings
 
