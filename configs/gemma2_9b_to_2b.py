@@ -72,6 +72,10 @@ def _gemma2(**sizes):
 
 
 def get_config(arg=None):
+  """Gemma 2 9B -> 2B on C4 (presets '' and 'v5p_32'; see the module docstring for sizing):
+
+    python -m kdjax.main --config=configs/gemma2_9b_to_2b.py --workdir=/mnt/runs/gemma2_kd
+  """
   config = _hf_distill.base_config(teacher_hf="/path/to/gemma-2-9b",
                                    student_init="/path/to/gemma-2-2b")
   # 9,241,705,984 and 2,614,341,888 params, as the checkpoints hold them.

@@ -44,6 +44,11 @@ def _model(path: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
+  """Any Hugging Face pair, `arg` = 'teacher=DIR,student=DIR[,...]' (see the module docstring):
+
+    python -m kdjax.main --workdir=runs/kd \
+        --config=configs/hf_distill.py:teacher=/path/to/teacher,student=/path/to/student
+  """
   args = _parse(arg)
   config = _hf_distill.base_config(teacher_hf=args["teacher"], student_init=args["student"])
   config.teacher = _model(args["teacher"])

@@ -60,6 +60,10 @@ _LLAMA3 = dict(family="llama", vocab_size=128_256, max_len=131_072, activation="
 
 
 def get_config(arg=None):
+  """Llama 3.1 8B -> Llama 3.2 1B (presets '' and 'v5e_64'; see the module docstring):
+
+    python -m kdjax.main --config=configs/llama31_8b_to_llama32_1b.py --workdir=/mnt/runs/llama_kd
+  """
   config = _hf_distill.base_config(teacher_hf="/path/to/Llama-3.1-8B",
                                    student_init="/path/to/Llama-3.2-1B")
   # 8,030,261,248 and 1,235,814,400 params; 3.1 8B has its own output matrix, 3.2 1B ties it.

@@ -29,6 +29,10 @@ PRESETS = ("", "v5e_32")
 
 
 def get_config(arg=None):
+  """LM1B on 8 GPUs (default) or a v5e-32 slice ('v5e_32'); see the module docstring:
+
+    python -m kdjax.main --config=configs/lm1b.py --workdir=/mnt/shared/runs/lm1b
+  """
   # The Shakespeare config gives every field; this file changes sizes, data and placement.
   config = shakespeare.get_config()
   config.data.update(dict(

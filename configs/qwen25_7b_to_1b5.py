@@ -60,6 +60,10 @@ _QWEN25 = dict(family="qwen2", max_len=131_072, head_dim=128, activation="swiglu
 
 
 def get_config(arg=None):
+  """Qwen2.5 7B -> 1.5B (presets '' and 'v5e_32'; see the module docstring):
+
+    python -m kdjax.main --config=configs/qwen25_7b_to_1b5.py --workdir=/mnt/runs/qwen_kd
+  """
   config = _hf_distill.base_config(teacher_hf="/path/to/Qwen2.5-7B",
                                    student_init="/path/to/Qwen2.5-1.5B")
   # 7,615,616,512 and 1,543,714,304 params; 7B has its own output matrix, 1.5B ties it.

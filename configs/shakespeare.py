@@ -67,6 +67,11 @@ def sweep(smoke: bool = False) -> list[dict]:
 
 
 def get_config(arg=None):
+  """The Shakespeare experiment; `arg` is one of PRESETS (the module docstring lists them):
+
+    python -m kdjax.main --config=configs/shakespeare.py --workdir=runs/shakespeare  # ~12 min
+    python -m kdjax.main --config=configs/shakespeare.py:smoke --workdir=runs/smoke  # ~30 s
+  """
   config = ml_collections.ConfigDict()
   config.seed = 0
   # 'experiment': teacher -> distilled -> scratch -> eval table. 'teacher', 'distill', 'scratch'

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -32,8 +33,9 @@ ITEMS = ("params", "train", "data", "config")
 # absl's status for corrupted or truncated data), as opposed to failing to reach them.
 # OUT_OF_RANGE: a read past the end of a file cut short.
 _DAMAGE_WORDS = ("DATA_LOSS", "OUT_OF_RANGE", "corrupt", "truncat", "Unexpected end",
-                 "Error decoding", "Expecting value", "Expecting property name", "Invalid",
-                 "invalid")
+                 "Error decoding", "Expecting value", "Expecting property name")
+# Orbax's words for a saved tree whose structure is not the state's: intact, but another layout.
+_LAYOUT_WORDS = ("tree structures do not match",)
 # errno values of a file that is there but cannot be read or written right now.
 _TRANSIENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EIO, errno.EROFS,
                      errno.EDQUOT, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY,
@@ -48,6 +50,18 @@ def _chain(error: BaseException):
   while error is not None:
     yield error
     error = error.__cause__ or error.__context__
+
+
+def _agreed(reason: str | None, step: int) -> str | None:
+  """Process 0's verdict on every process: all of them quarantine (a collective move) or all
+  stop, or one would wait forever for the others."""
+  if jax.process_count() == 1:
+    return reason
+  from jax.experimental import multihost_utils
+  damaged = bool(multihost_utils.broadcast_one_to_all(np.asarray(reason is not None)))
+  if damaged == (reason is not None):
+    return reason
+  return f"process 0 found checkpoint step {step} damaged" if damaged else None
 
 
 def damage(step_dir: str, error: BaseException) -> str | None:
@@ -160,7 +174,13 @@ class PhaseCheckpoints:
         return step, state, data_state
       except Exception as e:  # orbax/tensorstore raise many types for damaged files
         error = f"{type(e).__name__}: {one_line(e, 200)}"
-        reason = damage(os.path.join(self.directory, str(step)), e)
+        if any(word in one_line(e) for word in _LAYOUT_WORDS):
+          raise CheckpointUnreadable(
+              f"checkpoint step {step} in {self.directory} holds a training state of another "
+              f"layout ({error}): another kdjax version or settings that change the state wrote "
+              "it; nothing was moved. Resume it with the kdjax that wrote it, or start a new "
+              "--workdir.") from e
+        reason = _agreed(damage(os.path.join(self.directory, str(step)), e), step)
         if reason is None:
           raise CheckpointUnreadable(
               f"checkpoint step {step} in {self.directory} could not be read ({error}) and is not "

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from kdjax import losses, schedules, sharding
 from kdjax.model import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, ModelConfig
-from kdjax.settings import FrozenTeacher, distill_fields
+from kdjax.settings import FrozenTeacher, TrainSettings, distill_fields
 from kdjax.teacher_cache import estimators as cache_estimators
 
 MODES = ("experiment", "teacher", "distill", "scratch", "eval")
@@ -33,9 +33,10 @@ PHASE_FIELDS = {
 }
 _NON_MATH_DATA = {"data.data_dir", "data.archive", "data.eval_split", "data.eval_batch_size",
                   "data.eval_batches", "data.val_split", "data.val_batches"}
-_TRAIN_KEYS = {"steps", "learning_rate", "warmup_steps", "end_lr_fraction", "weight_decay",
-               "grad_clip", "b1", "b2", "grad_accum_steps"}
-# Distill fields added after runs were first saved, at the values that reproduce those runs.
+_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSettings)}
+# Distill fields added after runs were first saved, at the values that reproduced those runs
+# then. Frozen on purpose, not read from settings: a later change of a default must not make an
+# old run look resumable with other math.
 _DISTILL_DEFAULTS = {
     "distill.feature_weight": 0.0, "distill.feature_loss": "mse", "distill.feature_layers": [],
     "distill.attention_weight": 0.0, "distill.teacher_cache": "", "distill.sequence_data": "",

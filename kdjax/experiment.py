@@ -54,9 +54,9 @@ def prepare_data(config: Any) -> Data:
   d, root = DataSettings.from_config(config.data), data_dir(config)
   if d.name == "shakespeare":
     shakespeare.build_shakespeare(root, archive=d.archive or None)
-  train_source = _split(d, "train_split", root)
-  eval_source = _split(d, "eval_split", root)
-  tok = _tokenizer(d, root, train_source)
+  train_source = load_split(d, "train_split", root)
+  eval_source = load_split(d, "eval_split", root)
+  tok = load_tokenizer(d, root, train_source)
   preflight.check_vocab(config, tok.vocab_size)  # a trained tokenizer exists only now
   num_shards = d.num_shards
 
@@ -72,12 +72,12 @@ def prepare_data(config: Any) -> Data:
 
   evals = pipeline.eval_batches(eval_source, tok, seq_len=d.seq_len,
                                 batch_size=d.eval_batch_size, max_batches=d.eval_batches)
-  vals = pipeline.eval_batches(_split(d, "val_split", root), tok, seq_len=d.seq_len,
+  vals = pipeline.eval_batches(load_split(d, "val_split", root), tok, seq_len=d.seq_len,
                                batch_size=d.eval_batch_size, max_batches=d.val_batches)
   return Data(tok, make_train_iter, evals, vals, d.batch_size * d.seq_len, make_stream)
 
 
-def _split(d: Any, field: str, root: str):
+def load_split(d: Any, field: str, root: str):
   """The examples of split `d.<field>`; an unknown or empty split names the field."""
   split = getattr(d, field)  # d: config.data or DataSettings
   try:
@@ -93,7 +93,7 @@ def _split(d: Any, field: str, root: str):
   return source
 
 
-def _tokenizer(d: Any, root: str, train_source) -> tokenizer_lib.TextTokenizer:
+def load_tokenizer(d: Any, root: str, train_source) -> tokenizer_lib.TextTokenizer:
   """The given tokenizer file, or the cached one trained on the train split (trained if absent)."""
   if d.tokenizer_path and not os.path.exists(d.tokenizer_path):
     raise config_check.ConfigError(

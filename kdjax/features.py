@@ -85,7 +85,7 @@ def terms_on(distill: Any) -> tuple[bool, bool]:
 
 
 def make_plan(distill: Any, s_cfg: ModelConfig, t_cfg: ModelConfig | None) -> FeaturePlan | None:
-  """The plan for `distill` (train.DistillSettings), or None when both terms are off (or there is
+  """The plan for `distill` (settings.DistillSettings), or None when both terms are off (or there is
   no teacher): then nothing of this module runs and the step is what it was without it."""
   hidden, attention = terms_on(distill)
   if t_cfg is None or not (hidden or attention):

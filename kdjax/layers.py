@@ -29,7 +29,7 @@ def dense_init():
 class LogicalAxes(nn.LogicallyPartitioned):
   """A param's logical axis names, kept as metadata and never applied as a constraint on unbox.
 
-  kdjax places params through jit out_shardings (train.init_params), so constraints on unbox add
+  kdjax places params through jit out_shardings (state.init_params), so constraints on unbox add
   nothing, and they break: DenseGeneral initialises its kernel flat (2-D) and unboxes it before
   reshaping, and Flax re-runs that init under eval_shape on every apply to check shapes, so inside
   a mesh context a 3-name constraint would hit a 2-D value.

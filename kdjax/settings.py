@@ -151,19 +151,19 @@ class OnPolicy:
 
   fraction: float = 0.0  # lambda: the probability that a batch is the student's own samples
   prompt_tokens: int = 32  # P, cut from the start of each data row
-  new_tokens: int = 0  # N; 0 = fill the row: N = L + 1 - P
+  new_tokens: int = 0  # A; 0 = fill the row: A = L + 1 - P
   temperature: float = 1.0  # the student's sampling temperature (GKD samples at 1)
   vocab_size: int = 0  # ids the student may sample; 0 = the smaller of the two models' vocabs
   eos_id: int = -1  # the tokenizer's EOS: predictions after a sampled one are not scored
 
   def lengths(self, seq_len: int) -> tuple[int, int]:
-    """(P, N) for rows of `seq_len` tokens."""
-    n = self.new_tokens or seq_len + 1 - self.prompt_tokens
-    if not 1 <= self.prompt_tokens <= seq_len or n < 1 or self.prompt_tokens + n > seq_len + 1:
+    """(P, A) for rows of `seq_len` tokens."""
+    a = self.new_tokens or seq_len + 1 - self.prompt_tokens
+    if not 1 <= self.prompt_tokens <= seq_len or a < 1 or self.prompt_tokens + a > seq_len + 1:
       raise ValueError(f"on-policy prompt_tokens={self.prompt_tokens} and new_tokens="
                        f"{self.new_tokens} do not fit rows of {seq_len} tokens: need "
-                       f"1 <= P <= {seq_len} and 1 <= N <= {seq_len} + 1 - P.")
-    return self.prompt_tokens, n
+                       f"1 <= P <= {seq_len} and 1 <= A <= {seq_len} + 1 - P.")
+    return self.prompt_tokens, a
 
 
 _ON_POLICY_FIELDS = ("fraction", "prompt_tokens", "new_tokens", "temperature")
@@ -220,7 +220,7 @@ class DistillSettings:
   temperature_schedule: schedules.Schedule = schedules.Schedule()
   feature_weight_schedule: schedules.Schedule = schedules.Schedule()
   # Offline teacher (kdjax.teacher_cache): non-empty = the soft loss reads the batch's cached
-  # t_* arrays with this estimator (cache_losses) and the step runs no teacher; cache_vocab_size
+  # t_* arrays with this estimator (teacher_cache.estimators) and the step runs no teacher; cache_vocab_size
   # is the cache's vocabulary, which the student's logits are cut to (padding rows past it).
   cache_estimator: str = ""
   cache_vocab_size: int = 0

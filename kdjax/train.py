@@ -25,7 +25,7 @@ import optax
 from kdjax import gkd, objectives, sharding
 from kdjax.model import ModelConfig
 from kdjax.objectives.base import Batch, Metrics
-from kdjax.settings import DistillSettings
+from kdjax.settings import DistillSettings, OnPolicy
 from kdjax.state import TrainState
 
 GradFn = Callable[..., tuple[Any, Metrics]]
@@ -49,7 +49,7 @@ def make_grad_fn(objective: objectives.Objective, teacher_forward: Callable | No
 
 
 def with_student_samples(data_grad_fn: GradFn, sampled_grad_fn: GradFn, s_cfg: ModelConfig,
-                         on_policy: gkd.OnPolicy, rules: sharding.Rules | None):
+                         on_policy: OnPolicy, rules: sharding.Rules | None):
   """A micro-batch grad fn that, when the step's coin says so, first replaces the batch by the
   student's own samples (kdjax.gkd) and scores them with the on-policy objective."""
   def grad_fn(trainable, teacher_params, batch: Batch, step, is_on_policy, sample_key):
@@ -156,10 +156,8 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
     micro_grad_fn = with_student_samples(
         grad_fn, make_grad_fn(objective.with_on_policy(), teacher_forward), s_cfg, on_policy,
         rules)
-  needs_aux = getattr(getattr(objective, "plan", None), "projection", False)
-
   def train_step(state: TrainState, teacher_params, batch: Batch):
-    if needs_aux and state.aux_params is None:
+    if objective.needs_aux and state.aux_params is None:
       raise ValueError("train_step: feature distillation between widths needs the projection; "
                        "build the state with create_train_state(..., t_cfg=, distill=).")
     coin_key, sample_key = step_keys(state.rng)
@@ -179,17 +177,13 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
 
 def _build(s_cfg, t_cfg, distill, rules, t_rules):
   """(objective, teacher_forward or None, on-policy settings or None), checked."""
-  if t_cfg is not None and distill is None:
-    raise ValueError("make_train_step: a teacher needs DistillSettings.")
-  if distill is not None and distill.cache_estimator and t_cfg is not None:
-    raise ValueError("make_train_step: a teacher cache replaces the teacher; pass t_cfg=None.")
-  on_policy = distill.on_policy if distill is not None else None
-  if on_policy is not None and (t_cfg is None or distill.cache_estimator):
-    raise ValueError("make_train_step: on-policy distillation needs a live teacher (t_cfg).")
-  if on_policy is not None and not on_policy.vocab_size:  # ids both models can score
-    on_policy = dataclasses.replace(on_policy,
-                                    vocab_size=min(s_cfg.vocab_size, t_cfg.vocab_size))
   objective = objectives.make(s_cfg, distill, t_cfg, rules)
+  on_policy = distill.on_policy if distill is not None else None
+  if on_policy is not None:
+    objective.with_on_policy()  # refuses objectives without a live teacher, before tracing
+    if not on_policy.vocab_size:  # ids both models can score
+      on_policy = dataclasses.replace(on_policy,
+                                      vocab_size=min(s_cfg.vocab_size, t_cfg.vocab_size))
   teacher_forward = (objectives.make_teacher_forward(t_cfg, objective.teacher_needs, t_rules)
                      if t_cfg is not None else None)
   return objective, teacher_forward, on_policy

@@ -79,8 +79,8 @@ def generate(config, workdir: str, out: str, *, num_prompts: int, prompt_tokens:
   d, root = config.data, experiment.data_dir(config)
   if d.name == "shakespeare":  # as experiment.prepare_data: the archive the config names
     shakespeare.build_shakespeare(root, archive=d.archive or None)
-  train_source = experiment._split(d, "train_split", root)  # no public form
-  tokenizer = experiment._tokenizer(d, root, train_source)
+  train_source = experiment.load_split(d, "train_split", root)
+  tokenizer = experiment.load_tokenizer(d, root, train_source)
   preflight.check_vocab(config, tokenizer.vocab_size)
   prompt_width = prompt_tokens + (tokenizer.bos_id is not None)
   # Prompt and continuation fill one training row (the pipeline's BOS included).

@@ -7,11 +7,12 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from kdjax import checkpoint, metric_log, optim, sharding, train
 from kdjax.model import ModelConfig
-from kdjax.state import create_train_state
+from kdjax.state import abstract_train_state, create_train_state
 
 CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
                   mlp_dim=32, max_len=16)
@@ -43,6 +44,26 @@ def _assert_trees_equal(a, b):
   assert len(la) == len(lb) and jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_state_of_another_layout_is_refused_and_kept(trained, tmp_path):
+  """A checkpoint whose optimizer state has another structure (another optimizer, or an older
+  kdjax) is intact: restoring into this state stops with one line saying so, and moves nothing."""
+  _, shardings, _, mesh = trained
+  other_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  other, _ = create_train_state(CFG, other_tx, 3, mesh, sharding.DEFAULT_RULES)
+  directory = tmp_path / "ckpt"
+  ckpts = checkpoint.PhaseCheckpoints(str(directory))
+  ckpts.save(2, other, {"i": 0}, {})
+  ckpts.wait()
+  files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  like, like_shardings = abstract_train_state(CFG, optim.make_optimizer(TC), 3, mesh,
+                                              sharding.DEFAULT_RULES)
+  with pytest.raises(checkpoint.CheckpointUnreadable, match="another layout") as raised:
+    ckpts.restore_latest_valid(like, like_shardings)
+  ckpts.close()
+  assert "\n" not in str(raised.value) and "nothing was moved" in str(raised.value)
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files
 
 
 def test_round_trip_is_exact(trained, tmp_path):

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from kdjax.data import hf_tokenizer
 from kdjax.hf import params_map
 from kdjax.hf.config import hf_config
 from kdjax.model import ModelConfig
@@ -60,6 +59,9 @@ def save_pretrained(path: str, cfg: ModelConfig, params: Any, *, tokenizer_dir: 
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
   if tokenizer_dir:
+    # Here, not at the top: hf_tokenizer imports sentencepiece, which reading and writing
+    # checkpoints otherwise never needs.
+    from kdjax.data import hf_tokenizer
     for name in (*hf_tokenizer.TOKENIZER_FILES, "generation_config.json"):
       if os.path.isfile(os.path.join(tokenizer_dir, name)):
         shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(path, name))

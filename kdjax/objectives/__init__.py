@@ -35,11 +35,16 @@ def make(s_cfg: ModelConfig, distill: DistillSettings | None = None,
   """The objective of a phase: cross-entropy without a teacher or cache; the cache's estimator
   with `distill.cache_estimator`; else the logit loss (chunked when `distill.loss_chunk_size`),
   wrapped with feature terms when `distill` weights any."""
+  if t_cfg is not None and distill is None:
+    raise ValueError("objectives.make: a teacher needs DistillSettings.")
+  if t_cfg is None and any(features.terms_on(distill)):
+    raise ValueError("objectives.make: feature distillation needs the teacher's t_cfg (a "
+                     "teacher cache holds no hidden states or attention maps).")
   if distill is not None and distill.cache_estimator:
+    if t_cfg is not None:
+      raise ValueError("objectives.make: a teacher cache replaces the teacher; pass t_cfg=None.")
     return CachedTeacher(s_cfg, distill, rules)
   if distill is None or t_cfg is None:
-    if any(features.terms_on(distill)):
-      raise ValueError("objectives.make: feature distillation needs the teacher's t_cfg.")
     return CrossEntropy(s_cfg, rules)
   if distill.loss_chunk_size > 0:
     logit_term = ChunkedLogits(s_cfg, distill, rules, t_softcap=t_cfg.logit_softcap)

@@ -45,10 +45,26 @@ class TeacherNeeds:
 
 class Objective(Protocol):
   teacher_needs: TeacherNeeds
+  needs_aux: bool  # whether `loss` reads aux (TrainState.aux_params) and the state must hold it
 
   def loss(self, params: Any, aux: Any, batch: Batch, teacher_out: Any,
            step: jax.Array) -> tuple[jax.Array, Metrics]:
     ...
+
+  def with_on_policy(self) -> "Objective":
+    """The objective on the student's own samples (kdjax.gkd), for objectives with a live
+    teacher; others raise."""
+    ...
+
+
+class NoOnPolicy:
+  """For objectives without a live teacher's distributions: nothing to learn on samples."""
+
+  needs_aux = False
+
+  def with_on_policy(self):
+    raise ValueError(f"{type(self).__name__} has no on-policy form: on-policy distillation "
+                     "needs a live teacher.")
 
 
 def forward(cfg: ModelConfig, params: Any, batch: Batch, rules: sharding.Rules | None,

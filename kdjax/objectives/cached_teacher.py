@@ -20,7 +20,7 @@ from kdjax.teacher_cache import estimators
 
 
 @dataclasses.dataclass(frozen=True)
-class CachedTeacher:
+class CachedTeacher(base.NoOnPolicy):
   s_cfg: ModelConfig
   distill: DistillSettings
   rules: sharding.Rules | None = None

@@ -24,6 +24,7 @@ class ChunkedLogits:
   rules: sharding.Rules | None = None
   t_softcap: float = 0.0  # the teacher's logit soft-cap, applied inside the chunked loss
   on_policy: bool = False
+  needs_aux = False  # a class constant, not a field
   teacher_needs: base.TeacherNeeds = base.TeacherNeeds("final_hidden")
 
   def with_on_policy(self) -> "ChunkedLogits":

@@ -11,7 +11,7 @@ from kdjax.objectives import base
 
 
 @dataclasses.dataclass(frozen=True)
-class CrossEntropy:
+class CrossEntropy(base.NoOnPolicy):
   s_cfg: ModelConfig
   rules: sharding.Rules | None = None
   teacher_needs: base.TeacherNeeds = base.TeacherNeeds()

@@ -30,6 +30,11 @@ class HiddenStates:
     return base.TeacherNeeds(self.logit_term.teacher_needs.output, self.plan)
 
   @property
+  def needs_aux(self) -> bool:
+    """The learned projection between different widths lives in TrainState.aux_params."""
+    return self.plan.projection
+
+  @property
   def s_cfg(self) -> ModelConfig:
     return self.logit_term.s_cfg
 

@@ -26,6 +26,7 @@ class Logits:
   distill: DistillSettings
   rules: sharding.Rules | None = None
   on_policy: bool = False
+  needs_aux = False  # a class constant, not a field
   teacher_needs: base.TeacherNeeds = base.TeacherNeeds("logits")
 
   def with_on_policy(self) -> "Logits":
