@@ -207,3 +207,15 @@ def test_teacher_vocab_padding_rows_change_nothing(teacher_params, mesh, chunk):
   assert padded_cfg.vocab_size > S_CFG.vocab_size
   np.testing.assert_array_equal(loss_p, loss)
   jax.tree.map(np.testing.assert_array_equal, grads_p, grads)
+
+
+def test_a_teacher_cache_with_feature_terms_is_refused():
+  """A cache holds no hidden states or attention maps: asking for feature terms with it (even
+  only through a schedule that leaves 0) is refused, never silently trained without them."""
+  from kdjax import schedules
+  for distill in (DistillSettings(cache_estimator="topk_residual", feature_weight=1.0),
+                  DistillSettings(cache_estimator="topk_residual", feature_weight=0.0,
+                                  feature_weight_schedule=schedules.Schedule(
+                                      kind="linear", end=1.0, steps=10))):
+    with pytest.raises(ValueError, match="feature distillation needs the teacher"):
+      objectives.make(S_CFG, distill)
