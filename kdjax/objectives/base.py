@@ -103,3 +103,12 @@ def make_teacher_forward(t_cfg: ModelConfig, needs: TeacherNeeds,
     return jax.lax.stop_gradient(out if needs.plan is None else (out, t_feats))
 
   return teacher_forward
+
+
+def soft_loss_settings(distill, step, on_policy: bool) -> dict[str, Any]:
+  """The soft loss's divergence, alpha and temperature at `step`: on the student's own samples
+  (kdjax.gkd) the generalized JSD alone (alpha 1, there is no ground truth), else the settings'."""
+  knobs = distill.at(step)
+  loss, alpha = ("generalized_jsd", 1.0) if on_policy else (distill.loss, knobs["alpha"])
+  return dict(loss=loss, alpha=alpha, temperature=knobs["temperature"], beta=distill.beta,
+              skew=distill.skew)

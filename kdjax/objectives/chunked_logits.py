@@ -39,14 +39,11 @@ class ChunkedLogits:
   def loss_from_hidden(self, params: Any, s_hidden_BxLxD: jax.Array, teacher_out: Any,
                        batch: base.Batch, step):
     """The loss given the student's final hidden states and the teacher's (hidden, unembed)."""
-    d = self.distill
-    knobs = d.at(step)
-    loss_name, alpha = ("generalized_jsd", 1.0) if self.on_policy else (d.loss, knobs["alpha"])
     t_hidden_BxLxD, t_unembed_DxV = teacher_out
     s_unembed_DxV, t_unembed_DxV = losses.shared_vocab(unembedding(self.s_cfg, params),
                                                        t_unembed_DxV)
     return losses.chunked_distillation_loss(
         s_hidden_BxLxD, s_unembed_DxV, t_hidden_BxLxD, t_unembed_DxV, batch["targets"],
-        batch["mask"], loss=loss_name, temperature=knobs["temperature"], alpha=alpha,
-        beta=d.beta, skew=d.skew, chunk_size=d.loss_chunk_size,
+        batch["mask"], **base.soft_loss_settings(self.distill, step, self.on_policy),
+        chunk_size=self.distill.loss_chunk_size,
         s_logit_softcap=self.s_cfg.logit_softcap, t_logit_softcap=self.t_softcap)

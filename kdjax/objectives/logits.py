@@ -41,10 +41,7 @@ class Logits:
   def loss_from_logits(self, s_logits_BxLxV: jax.Array, t_logits_BxLxV: jax.Array,
                        batch: base.Batch, step):
     """The loss given both models' logits (kdjax.objectives.hidden_states reuses it)."""
-    d = self.distill
-    knobs = d.at(step)
-    loss_name, alpha = ("generalized_jsd", 1.0) if self.on_policy else (d.loss, knobs["alpha"])
     s_logits_BxLxV, t_logits_BxLxV = losses.shared_vocab(s_logits_BxLxV, t_logits_BxLxV)
     return losses.distillation_loss(
-        s_logits_BxLxV, t_logits_BxLxV, batch["targets"], batch["mask"], loss=loss_name,
-        temperature=knobs["temperature"], alpha=alpha, beta=d.beta, skew=d.skew)
+        s_logits_BxLxV, t_logits_BxLxV, batch["targets"], batch["mask"],
+        **base.soft_loss_settings(self.distill, step, self.on_policy))
