@@ -34,7 +34,7 @@ from typing import Any
 
 import jax
 
-from kdjax import config_check, evaluate, experiment, plots, preflight, sharding
+from kdjax import config_check, evaluate, experiment, inputs, plots, preflight, sharding
 from kdjax.model import ModelConfig
 from kdjax.report import COLUMNS, write_json, write_results
 from kdjax.settings import ModelSources
@@ -157,10 +157,10 @@ class Runner:
     with open(path) as f:
       return json.load(f)
 
-  def _data_for(self, config: Any) -> experiment.Data:
+  def _data_for(self, config: Any) -> inputs.Data:
     key = json.dumps(config.data.to_dict(), sort_keys=True)
     if key not in self._data:
-      self._data[key] = experiment.prepare_data(config)
+      self._data[key] = inputs.prepare_data(config)
     return self._data[key]
 
   def run_point(self, point: Point) -> dict[str, Any]:

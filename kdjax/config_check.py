@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from kdjax import losses, schedules, sharding
+from kdjax.data import records, sources
 from kdjax.model import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, ModelConfig
 from kdjax.settings import FrozenTeacher, TrainSettings, distill_fields
 from kdjax.teacher_cache import estimators as cache_estimators
@@ -47,6 +48,13 @@ _DISTILL_DEFAULTS = {
     **{f"distill.{name}_schedule.{key}": value
        for name in ("alpha", "temperature", "feature_weight")
        for key, value in (("kind", "constant"), ("end", None), ("steps", 0))},
+}
+# Data fields added after runs were first saved, at the values those runs used (frozen likewise).
+_DATA_DEFAULTS = {
+    "data.train_files": "", "data.eval_files": "", "data.val_files": "",
+    "data.eval_fraction": 0.05, "data.val_fraction": 0.05, "data.txt_unit": "line",
+    "data.hf_dataset": "", "data.format": "", "data.messages_key": "messages",
+    "data.train_on": "assistant", "data.chat_template": "",
 }
 # Each schedulable field: its range as (check, wording) for the plain value and the schedule end.
 _SCHEDULED = {
@@ -146,6 +154,9 @@ def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None
         old.setdefault(f"{section}.{f.name}", f.default)
   for key in ("teacher_hf", "student_init"):
     old.setdefault(key, "")
+  if "data" in saved:
+    for key, value in _DATA_DEFAULTS.items():
+      old.setdefault(key, value)
   if "distill" in saved:
     for key, value in _DISTILL_DEFAULTS.items():
       # A constant schedule ignores its end: an older run matches whatever end is set now.
@@ -282,7 +293,25 @@ def _check_loss(d: dict[str, Any]) -> None:
            f"must be >= 0 (0 = unchunked), got {d['loss_chunk_size']}.")
 
 
+def _check_data_source(data: Any) -> None:
+  """Your-own-data fields: choices, fractions, and which fields go together."""
+  for field, choices in (("format", ("",) + records.FORMATS), ("train_on", records.TRAIN_ON),
+                         ("txt_unit", sources.TXT_UNITS)):
+    _require(data[field] in choices, f"data.{field}",
+             f"{data[field]!r} is not one of {choices}.")
+  _require(not (data.train_files and data.hf_dataset), "data.hf_dataset",
+           "give data.train_files or data.hf_dataset, not both.")
+  for field in ("eval_files", "val_files"):
+    _require(not data[field] or data.train_files, f"data.{field}",
+             "needs data.train_files (the training records); set it too.")
+  for field in ("eval_fraction", "val_fraction"):
+    _require(0 <= data[field] < 1, f"data.{field}", f"must be in [0, 1), got {data[field]}.")
+  _require(data.eval_fraction + data.val_fraction < 1, "data.eval_fraction",
+           "data.eval_fraction + data.val_fraction must be below 1.")
+
+
 def _check_data(data: Any, teacher: ModelConfig, student: ModelConfig) -> None:
+  _check_data_source(data)
   # Vocabularies may differ by padding rows only: every tokenizer id must index both models.
   _require(data.vocab_size <= teacher.vocab_size, "data.vocab_size",
            f"{data.vocab_size} is above teacher.vocab_size={teacher.vocab_size}; set it to the "

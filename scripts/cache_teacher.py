@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from kdjax import cli, config_check, evaluate, experiment, preflight, sharding, teacher_cache
+from kdjax import (cli, config_check, evaluate, experiment, inputs, preflight, sharding,
+                   teacher_cache)
 from kdjax.model import ModelConfig, Transformer
 from kdjax.state import init_params
 from kdjax.teacher_cache import estimators as cache_estimators
@@ -84,7 +85,7 @@ def build_cache(config, workdir: str, top_k: int, samples: int, logprob_dtype: s
   directory = cache_dir(workdir, top_k, samples)
   if os.path.exists(directory):  # before loading anything
     raise FileExistsError(f"{directory} exists; a teacher cache is never overwritten.")
-  data = experiment.prepare_data(config)
+  data = inputs.prepare_data(config)
   teacher = experiment.load_teacher(config, workdir, mesh, rules)
   targets = teacher_cache.make_targets_fn(
       teacher.cfg, teacher.params, mesh, teacher.rules, top_k=top_k, samples=samples,
@@ -170,7 +171,7 @@ def report(config, workdir: str, ks: list[int], student: str = "distilled",
   """Bytes per token and the held-out KL gap of every estimator for each k (see the docstring)."""
   preflight.preflight(config, workdir, ("distilled",), teacher_only=True)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
-  data = experiment.prepare_data(config)
+  data = inputs.prepare_data(config)
   teacher = experiment.load_teacher(config, workdir, mesh, rules)
   s_params = _student_params(config, workdir, student, mesh, rules)
   s_cfg = ModelConfig.from_dict(config.student)

@@ -30,11 +30,13 @@ import sys
 import time
 
 # kdjax before JAX: its __init__ sets XLA flags that must precede the backend's start.
-from kdjax import cli, config_check, continuations, experiment, preflight, sharding, teacher_cache
-from kdjax.data import shakespeare, teacher_text
+from kdjax import (cli, config_check, continuations, experiment, inputs, preflight, sharding,
+                   teacher_cache)
+from kdjax.data import teacher_text
 
 from absl import app, flags
 from absl import logging as absl_logging
+import grain
 import jax
 from ml_collections import config_flags
 
@@ -76,12 +78,15 @@ def generate(config, workdir: str, out: str, *, num_prompts: int, prompt_tokens:
   if os.path.exists(out):  # before loading anything
     raise ValueError(f"{out} exists; teacher text is never overwritten: remove it or pass "
                      "another --out.")
-  d, root = config.data, experiment.data_dir(config)
-  if d.name == "shakespeare":  # as experiment.prepare_data: the archive the config names
-    shakespeare.build_shakespeare(root, archive=d.archive or None)
-  train_source = experiment.load_split(d, "train_split", root)
-  tokenizer = experiment.load_tokenizer(d, root, train_source)
-  preflight.check_vocab(config, tokenizer.vocab_size)
+  d = config.data
+  src = inputs.load_sources(config)  # checks the data and the tokenizer's fit
+  if src.encode.fmt != "text":
+    raise ValueError(f"teacher sequences continue text documents; data.format is "
+                     f"{src.encode.fmt!r}. Use text records (data.format='text').")
+  # {'text': ...} examples, whatever field of the user's records holds the text.
+  train_source = grain.MapDataset.source(src.train).map(
+      lambda r: {"text": src.encode.canonical(r)["text"]})
+  tokenizer = src.tokenizer
   prompt_width = prompt_tokens + (tokenizer.bos_id is not None)
   # Prompt and continuation fill one training row (the pipeline's BOS included).
   max_new_tokens = max_new_tokens or int(d.seq_len) - prompt_width

@@ -1,8 +1,20 @@
 """Shared test settings: strict rank promotion and a CPU backend, as DESIGN.md asks."""
+import atexit
 import importlib
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, shared with every subprocess the tests start
+# (they inherit the environment): the many runs of the same smoke steps compile once. It starts
+# empty and is removed at exit, so no run depends on another session's executables.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix="kdjax-test-xla-cache-")
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 importlib.import_module("kdjax")  # sets kdjax's XLA flags before JAX starts its backend
 import jax  # noqa: E402

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare as shakespeare_config
-from kdjax import config_check, experiment, sharding
+from kdjax import config_check, experiment, inputs, sharding
 from support import fake_corpus
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,7 @@ def test_interrupted_phase_resumes_to_the_uninterrupted_result(smoke_run, smoke_
   os.symlink(os.path.join(workdir, "teacher"), os.path.join(resumed_dir, "teacher"))
   mesh = sharding.make_mesh(smoke_config.mesh)
   rules = sharding.rules_from_config(smoke_config)
-  data = experiment.prepare_data(smoke_config)
+  data = inputs.prepare_data(smoke_config)
 
   def dies_after(n):
     def make(seed):

@@ -6,13 +6,17 @@ Every batch is a dict of numpy arrays, B rows of L tokens:
   targets      [B, L] int32    the id that follows inputs[b, i] in the same document
   segment_ids  [B, L] int32    which document a token belongs to: 1, 2, ... within each row, 0 = pad
   positions    [B, L] int32    index within the segment, restarting at 0 for each segment
-  mask         [B, L] float32  1.0 where targets[b, i] is a real token (segment_ids != 0), else 0.0
+  mask         [B, L] float32  1.0 where the loss counts targets[b, i]: a real token (segment_ids
+                               != 0) that its record's format counts (kdjax.data.encoding: every
+                               token of a text, the answers of a chat), else 0.0
 
 Padding is the positions with segment_ids == 0 (mask 0.0), whatever their value: the filler is 0,
 which a Hugging Face tokenizer may use for a real token, so nothing may find padding by token id.
 
-A document of ids d = [bos] + encode(text) + [eos] contributes inputs d[:-1] and targets d[1:]
-(without bos for a tokenizer that has none, such as Qwen's, and without eos likewise); a
+A document of ids d (for a text record [bos] + encode(text) + [eos], without bos for a tokenizer
+that has none, such as Qwen's, and without eos likewise; kdjax.data.encoding gives chat and
+prompt/completion records theirs) contributes inputs d[:-1], targets d[1:] and the targets'
+weights; the weights are packed with the tokens, so the answer mask survives packing. A
 document with no inputs (an empty text without bos) is skipped, so segment ids stay 1, 2, ... The
 shift happens before packing, so a target never comes from another document; attention must still
 be restricted to equal segment_ids. Packing is concat-then-split: documents are laid end to end and
@@ -25,7 +29,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -33,6 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kdjax.data import shakespeare
+from kdjax.data.encoding import Encoder
 from kdjax.data.tokenizer import TextTokenizer
 
 Batch = dict[str, np.ndarray]
@@ -40,7 +45,7 @@ Batch = dict[str, np.ndarray]
 # Tokenization runs in grain's read threads (order is preserved, so this does not affect
 # determinism); a small buffer keeps restore-from-checkpoint cheap.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)
-_PACKED_FEATURES = ('inputs', 'targets')
+_PACKED_FEATURES = ('inputs', 'targets', 'weights')
 
 
 def _as_text(value: str | bytes) -> str:
@@ -68,11 +73,13 @@ def load_source(
   return grain.MapDataset.source(source).map(functools.partial(_select_text, text_key=text_key))
 
 
-def texts(source: Sequence[Any], max_documents: int | None = None) -> Iterator[str]:
+def texts(source: Sequence[Any], max_documents: int | None = None,
+          to_text: Callable[[Any], str] | None = None) -> Iterator[str]:
   """The first `max_documents` texts of a source, in order (e.g. to train a tokenizer on the train
-  split: a large corpus such as lm1b need not be read whole for that)."""
+  split: a large corpus such as lm1b need not be read whole for that); `to_text` gives a
+  record's text in its format (every message of a chat, say)."""
   for i in range(len(source) if max_documents is None else min(len(source), max_documents)):
-    yield _document_text(source[i])
+    yield (to_text or _document_text)(source[i])
 
 
 def _document_text(example: Any) -> str:
@@ -81,11 +88,8 @@ def _document_text(example: Any) -> str:
   return _as_text(example)
 
 
-def _document(example: Any, tokenizer: TextTokenizer) -> dict[str, np.ndarray]:
-  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-  eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-  ids = np.asarray([*bos, *tokenizer.encode(_document_text(example)), *eos], np.int32)
-  return {'inputs': ids[:-1], 'targets': ids[1:]}
+def _as_record(example: Any) -> Mapping[str, Any]:
+  return example if isinstance(example, Mapping) else {'text': _as_text(example)}
 
 
 def _has_inputs(document: dict[str, np.ndarray]) -> bool:
@@ -93,8 +97,10 @@ def _has_inputs(document: dict[str, np.ndarray]) -> bool:
   return len(document['inputs']) > 0
 
 
-def _tokenized(documents: grain.MapDataset, tokenizer: TextTokenizer) -> grain.MapDataset:
-  return documents.map(functools.partial(_document, tokenizer=tokenizer)).filter(_has_inputs)
+def _tokenized(documents: grain.MapDataset, tokenizer: TextTokenizer,
+               encode: Encoder | None) -> grain.MapDataset:
+  encode = encode or Encoder('text', tokenizer)
+  return documents.map(lambda example: encode(_as_record(example))).filter(_has_inputs)
 
 
 def _documents(source: Sequence[Any]) -> grain.MapDataset:
@@ -104,8 +110,8 @@ def _documents(source: Sequence[Any]) -> grain.MapDataset:
 def _packed_batches(
     documents: grain.IterDataset, *, seq_len: int, batch_size: int, drop_remainder: bool
 ) -> grain.IterDataset:
-  # inputs and targets have equal lengths per document, so they are cut at the same places and
-  # get identical *_segment_ids and *_positions.
+  # inputs, targets and weights have equal lengths per document, so they are cut at the same
+  # places and get identical *_segment_ids and *_positions.
   rows = grain.experimental.ConcatThenSplitIterDataset(
       documents, length_struct={key: seq_len for key in _PACKED_FEATURES}
   )
@@ -119,7 +125,8 @@ def _batch_from_packed(packed: Batch) -> Batch:
       'targets': packed['targets'],
       'segment_ids': segment_ids_BxL,
       'positions': packed['inputs_positions'],
-      'mask': (segment_ids_BxL != 0).astype(np.float32),
+      # The answer mask rode through packing as `weights`: prompts and padding count 0.
+      'mask': ((segment_ids_BxL != 0) & (packed['weights'] != 0)).astype(np.float32),
   }
 
 
@@ -163,6 +170,7 @@ def train_iterator(
     seed: int,
     shard_index: int = 0,
     shard_count: int = 1,
+    encode: Encoder | None = None,
 ) -> grain.DatasetIterator:
   """Endless, deterministic training batches (see the module docstring) with get/set_state.
 
@@ -178,7 +186,7 @@ def train_iterator(
     raise ValueError(f'Shard {shard_index}/{shard_count} of a {len(source)}-document source is empty.')
   # Shuffle before repeat: repeat reseeds the shuffle per epoch and keeps epochs apart.
   documents = documents.shuffle(seed=seed).repeat()
-  tokens = _tokenized(documents, tokenizer)
+  tokens = _tokenized(documents, tokenizer, encode)
   batches = _packed_batches(
       tokens.to_iter_dataset(_READ_OPTIONS),
       seq_len=seq_len, batch_size=batch_size, drop_remainder=True,
@@ -199,13 +207,14 @@ def eval_batches(
     seq_len: int,
     batch_size: int,
     max_batches: int | None = None,
+    encode: Encoder | None = None,
 ) -> list[Batch]:
   """One pass over source in order, as batches of one shape (one compile); see module docstring.
 
   The last batch is filled with all-zero rows and the last row with padding, both with mask 0, so
   averaging a loss over mask counts every real target exactly once.
   """
-  tokens = _tokenized(_documents(source), tokenizer)
+  tokens = _tokenized(_documents(source), tokenizer, encode)
   batches = _packed_batches(
       tokens.to_iter_dataset(_READ_OPTIONS),
       seq_len=seq_len, batch_size=batch_size, drop_remainder=False,
