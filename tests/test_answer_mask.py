@@ -128,16 +128,18 @@ def _cached(t_logits_BxLxV, k=8):
 
 _DIVERGENCES = [DistillSettings(loss=name, temperature=2.0, alpha=0.7)
                 for name in losses.DIVERGENCES]
-# Every divergence runs in the full suite; forward KL also in the quick one.
+# Every case runs in the full suite; cross-entropy also in the quick one.
 _CASES = (
     [("cross_entropy", None)]
-    + [pytest.param(f"logits-{d.loss}", d, marks=() if d.loss == "forward_kl" else pytest.mark.slow)
+    + [pytest.param(f"logits-{d.loss}", d,
+                    marks=pytest.mark.slow)
        for d in _DIVERGENCES]
-    + [("chunked", DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5,
-                                   loss_chunk_size=16)),
-       ("features", DistillSettings(alpha=0.5, feature_weight=1.0, attention_weight=1.0)),
-       ("cache-topk_renorm", DistillSettings(alpha=0.5, cache_estimator="topk_renorm")),
-       ("cache-topk_residual", DistillSettings(alpha=0.5, cache_estimator="topk_residual"))])
+    + [pytest.param(name, d, marks=pytest.mark.slow) for name, d in (
+        ("chunked", DistillSettings(loss="forward_kl", temperature=2.0, alpha=0.5,
+                                    loss_chunk_size=16)),
+        ("features", DistillSettings(alpha=0.5, feature_weight=1.0, attention_weight=1.0)),
+        ("cache-topk_renorm", DistillSettings(alpha=0.5, cache_estimator="topk_renorm")),
+        ("cache-topk_residual", DistillSettings(alpha=0.5, cache_estimator="topk_residual")))])
 
 
 @pytest.fixture(scope="module")

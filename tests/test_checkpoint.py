@@ -46,6 +46,7 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_a_state_of_another_layout_is_refused_and_kept(trained, tmp_path):
   """A checkpoint whose optimizer state has another structure (another optimizer, or an older
   kdjax) is intact: restoring into this state stops with one line saying so, and moves nothing."""

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support.quick import first_quick
 
 from kdjax import losses
 
@@ -58,7 +59,7 @@ def _compute_loss_and_grads(chunk_size, name, options, alpha, softcaps, inputs):
 
 
 @pytest.mark.parametrize("name, options", LOSSES)
-@pytest.mark.parametrize("chunk_size", [8, 5, 64])
+@pytest.mark.parametrize("chunk_size", first_quick([5, 8, 64]))  # 5 divides nothing
 def test_chunked_equals_unchunked_for_every_divergence(name, options, chunk_size):
   want, want_m, want_g = _loss_and_grads(0, name, options)
   got, got_m, got_g = _loss_and_grads(chunk_size, name, options)

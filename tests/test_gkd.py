@@ -7,6 +7,7 @@ jax.grad.
 """
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -86,6 +87,7 @@ def _close(a, b, **kw):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_lambda_zero_equals_ordinary_distillation(setup):
   """Done when: GKD with lambda = 0 is ordinary distillation. The mixed step is compiled with
   its lax.cond and both branches; a coin that never lands on-policy must leave exactly the
@@ -147,10 +149,16 @@ def _oracle_step(setup, state, batch, new_tokens, accum=1):
                                *_oracle_batch(state, micro, micro_key, new_tokens)))
   loss = np.mean([l for l, _ in parts])
   grads = jax.tree.map(lambda *g: sum(g) / accum, *[g for _, g in parts])
-  updates, _ = tx.update(grads, state.opt_state, state.params, step=state.step)
-  return loss, optax.global_norm(grads), optax.apply_updates(state.params, updates)
+  return (loss, *_apply_update(tx, grads, state.opt_state, state.params, state.step))
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compile, not one per eager operation
+def _apply_update(tx, grads, opt_state, params, step):
+  updates, _ = tx.update(grads, opt_state, params, step=step)
+  return optax.global_norm(grads), optax.apply_updates(params, updates)
+
+
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_lambda_one_is_the_generalized_jsd_on_the_students_own_samples(setup):
   new_tokens = 0  # the samples fill the row: N = L + 1 - P (the test below has N < that)
   states, metrics = _run(setup, _on_policy(1.0, new_tokens), 2)
@@ -164,6 +172,7 @@ def test_lambda_one_is_the_generalized_jsd_on_the_students_own_samples(setup):
     _close(states[i + 1].params, params, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_gradient_accumulation_keeps_lambda_one_coin_per_step(setup):
   """Each step is exactly the ordinary step or exactly the on-policy one, as its coin says. With
   A micro-batches a step is on-policy as a whole (one coin), so accumulation cannot change
@@ -193,6 +202,7 @@ def test_gradient_accumulation_keeps_lambda_one_coin_per_step(setup):
 _layout = jax.jit(gkd.student_batch, static_argnums=(0, 4))
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_student_batch_layout():
   """Prompts are cut to the document of their last token; samples are real tokenizer ids; the
   loss stops after the first sampled EOS."""
@@ -228,6 +238,7 @@ def test_student_batch_layout():
     gkd.OnPolicy(1.0, prompt_tokens=P, new_tokens=L).lengths(L)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_a_student_with_padding_rows_samples_only_ids_the_teacher_scores(setup):
   """Student vocab V + 16, teacher V: the on-policy step stays finite (an id past the teacher's
   vocabulary would make its logits NaN and the step would be skipped)."""

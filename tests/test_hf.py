@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support.quick import first_quick
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -114,7 +115,7 @@ def saved(tmp_path_factory):
   return out
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", first_quick(sorted(FAMILIES)))
 def test_loaded_logits_equal_transformers(saved, family):
   path, model = saved[family]
   cfg, params = hf.load_pretrained(path)
@@ -123,7 +124,7 @@ def test_loaded_logits_equal_transformers(saved, family):
   _assert_close(_kdjax_logits(cfg, params, tokens, mask), _hf_logits(model, tokens, mask), mask)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", first_quick(sorted(FAMILIES)))
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, family):
   # A kdjax model of the family's shape with its own random weights (not read from transformers):
   # the export alone must carry it over.

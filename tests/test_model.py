@@ -403,6 +403,7 @@ def test_scan_and_loop_give_same_logits():
 # ----------------------------------------------------------------------------- 6. remat
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 @pytest.mark.parametrize("scan_layers,policies", [(True, ("full", "dots")), (False, ("full",))],
                          ids=["scan", "loop"])
 def test_remat_policies_match_none(scan_layers, policies):

@@ -1,6 +1,7 @@
 """The optimizer: weight decay by what a parameter is, and one step counter for every schedule."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from kdjax import optim, sharding, train
 from kdjax.model import ModelConfig
 from kdjax.state import create_train_state
 from support.params import unscan_params
+from support.quick import first_quick
 
 # Every kind of parameter the model has: biases on every projection, q/k norms, untied unembed.
 CFG = ModelConfig(vocab_size=48, d_model=16, num_layers=3, num_heads=2, num_kv_heads=1,
@@ -42,7 +44,7 @@ def mesh():
   return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "loop"])
+@pytest.mark.parametrize("scan_layers", first_quick([True, False]), ids=["scan", "loop"])
 def test_norm_scales_and_biases_are_never_decayed(mesh, scan_layers):
   """With zero gradients the only update is weight decay: it must move every weight matrix and
   embedding table and no norm scale or bias, whatever their rank (stacked [layers, D] scales
@@ -52,9 +54,10 @@ def test_norm_scales_and_biases_are_never_decayed(mesh, scan_layers):
   tx = optim.make_optimizer(tc)
   state, _ = create_train_state(cfg, tx, 0, mesh, sharding.DEFAULT_RULES)
   # Away from their init (biases start at 0, which decay leaves at 0 either way).
-  params = jax.tree.map(lambda x: x + 0.5, state.params)
+  params = jax.jit(lambda p: jax.tree.map(lambda x: x + 0.5, p))(state.params)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zero_grads, state.opt_state, params, step=jnp.int32(0))
+  updates, _ = jax.jit(functools.partial(tx.update, step=jnp.int32(0)))(
+      zero_grads, state.opt_state, params)
   kinds = set()
   for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
     name = path[-1].key
@@ -65,6 +68,7 @@ def test_norm_scales_and_biases_are_never_decayed(mesh, scan_layers):
   assert ("scale", 2 if scan_layers else 1) in kinds and ("bias", 3 if scan_layers else 2) in kinds
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_scanned_and_unrolled_models_train_to_the_same_params(mesh):
   """`scan_layers` only changes how the layers are run: a few AdamW steps with weight decay from
   the same init give the same params either way."""
@@ -89,6 +93,7 @@ def test_scanned_and_unrolled_models_train_to_the_same_params(mesh):
                scanned, unrolled)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_applied_learning_rate_is_the_logged_one_after_skipped_steps(mesh):
   """After two skipped (non-finite) steps, the update of step 2 uses schedule(2), the rate the
   step logs (and the one alpha and temperature schedules read the step at), not schedule(0)."""

@@ -105,6 +105,7 @@ def _bad_run(tmp_path, name):
   return out, [e.format(d=d) for e in expected], d / "workdir"
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path):
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     runs = dict(zip(_CASES, pool.map(lambda n: _bad_run(tmp_path, n), _CASES)))

@@ -32,6 +32,7 @@ from kdjax.settings import DistillSettings
 from kdjax.state import TrainState
 from support import scripts_loader
 from support.params import random_param  # norm scales and biases away from 1 and 0
+from support.quick import first_quick
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, L, V = 2, 8, 40
@@ -109,7 +110,7 @@ def assert_trees_equal(a, b):
 # ----------------------------------------------------------------------------- identity
 
 
-@pytest.mark.parametrize("name", CFG_IDS)
+@pytest.mark.parametrize("name", first_quick(CFG_IDS))
 def test_keeping_everything_is_the_identity(name):
   cfg, params, toks = CONFIGS[name], build(CONFIGS[name]), tokens()
   scores = prune.activation_scores(cfg, params, toks)
@@ -345,7 +346,7 @@ def _silenced(cfg, params, kv_head, out_heads, neurons):
   return with_layers(cfg, params, layers)
 
 
-@pytest.mark.parametrize("name", CFG_IDS)
+@pytest.mark.parametrize("name", first_quick(CFG_IDS))
 def test_cutting_silent_units_leaves_the_logits_unchanged(name):
   cfg, toks = CONFIGS[name], tokens()
   g = cfg.num_heads // cfg.num_kv_heads
@@ -386,6 +387,7 @@ def test_width_arguments_are_checked():
 # ----------------------------------------------------------------------------- students
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_a_pruned_student_trains_with_the_teacher():
   t_cfg, t_params, toks = BASE, build(BASE), tokens()
   scores = prune.activation_scores(t_cfg, t_params, toks)

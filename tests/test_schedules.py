@@ -94,6 +94,7 @@ def _batch(seed=0):
           "positions": np.tile(np.arange(8, dtype=np.int32), (4, 1)), "mask": mask}
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_scheduled_step_equals_the_unscheduled_step_at_that_step():
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   tx, lr = optim.make_optimizer(TC), optim.make_schedule(TC)

@@ -61,6 +61,7 @@ def _assert_normwise_close(got, want, rtol, what):
   assert err <= rtol * np.max(np.abs(want)), (what, err, np.max(np.abs(want)))
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 @pytest.mark.parametrize("mesh", MESHES)
 def test_first_step_matches_one_device(worker, mesh):
   arrays, _ = worker
@@ -76,6 +77,7 @@ def test_first_step_matches_one_device(worker, mesh):
     _assert_normwise_close(got[key], ref[key], 1e-5, f"{mesh} {key}")
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_params_and_optimizer_state_are_sharded_as_the_rules_say(worker):
   _, layouts = worker
   gate = layouts["2x2x2"][f"{K}['mlp']['gate']['kernel']"]  # layers x embed x mlp

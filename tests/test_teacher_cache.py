@@ -492,6 +492,7 @@ def test_check_config_names_what_does_not_fit(tmp_path):
   cache.check_config(config, workdir, estimator="topk_residual")
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_cli_refuses_a_workdir_without_a_teacher(tmp_path):
   out = subprocess.run(
       [sys.executable, "scripts/cache_teacher.py", "--config=configs/shakespeare.py:smoke",
@@ -523,6 +524,7 @@ def test_cached_batches_resume_where_they_left_off(tmp_path, models):
     resumed.set_state({"index": 2})
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_training_from_a_cache_of_every_id_equals_training_with_the_live_teacher(tmp_path,
                                                                                  models):
   """The distilled phase's step reading a k = V cache (no teacher in the step) takes the same

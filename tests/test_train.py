@@ -63,13 +63,14 @@ def test_teacher_gradient_is_exactly_zero(teacher_params, mesh):
   state, _, step = _setup(mesh, _train_cfg())
   batch = _batch()
   # Through the whole step (teacher forward, loss, optimizer update): nothing reaches the teacher.
-  t_grads = jax.grad(lambda tp: step(state, tp, batch)[1]["loss"])(teacher_params)
+  t_grads = jax.jit(jax.grad(lambda tp: step(state, tp, batch)[1]["loss"]))(teacher_params)
   leaves = jax.tree.leaves(t_grads)
   assert leaves and all(np.all(np.asarray(g) == 0) for g in leaves)
   # ...while the same loss does depend on the student's params.
   objective = objectives.make(S_CFG, DISTILL, T_CFG)
   t_logits = objectives.make_teacher_forward(T_CFG, objective.teacher_needs)(teacher_params, batch)
-  s_grads = jax.grad(lambda p: objective.loss(p, None, batch, t_logits, 0)[0])(state.params)
+  s_grads = jax.jit(jax.grad(lambda p: objective.loss(p, None, batch, t_logits, 0)[0]))(
+      state.params)
   assert float(jax.tree.reduce(lambda a, g: a + jnp.sum(jnp.abs(g)), s_grads, 0.0)) > 0
 
 
@@ -89,6 +90,7 @@ def test_teacher_params_unchanged_and_step_compiles_once(teacher_params, mesh):
   assert len([x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]) == 2 * n_student
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_loss_falls_on_a_fixed_batch(teacher_params, mesh):
   state, shardings, step = _setup(mesh, _train_cfg())
   step_fn = jax.jit(step)
@@ -100,6 +102,7 @@ def test_loss_falls_on_a_fixed_batch(teacher_params, mesh):
   assert float(metrics["loss"]) < 0.5 * first
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_metrics_match_the_losses_module(teacher_params, mesh):
   state, _, step = _setup(mesh, _train_cfg())
   batch = _batch(3)
@@ -114,6 +117,7 @@ def test_metrics_match_the_losses_module(teacher_params, mesh):
   assert float(metrics["num_tokens"]) == batch["mask"].sum()
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 @pytest.mark.parametrize("teacher", [True, False])
 def test_gradient_accumulation_equals_full_batch(teacher_params, mesh, teacher):
   # Rows hold different numbers of real tokens, so a plain mean of micro-batch means would differ.
@@ -150,6 +154,7 @@ def test_alpha_zero_equals_plain_cross_entropy(teacher_params, mesh):
                n1.params, n2.params)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 @pytest.mark.parametrize("tied, softcap", [(True, 0.0), (False, 0.0), (False, 20.0)])
 def test_chunked_loss_step_equals_plain_step(mesh, tied, softcap):
   """config.distill.loss_chunk_size > 0: the step's loss, metrics and update are unchanged."""
@@ -183,6 +188,7 @@ def test_schedule_warmup_then_cosine():
   np.testing.assert_allclose(sched(100), 0.1, rtol=1e-6)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 @pytest.mark.parametrize("chunk", [0, 4])
 def test_teacher_vocab_padding_rows_change_nothing(teacher_params, mesh, chunk):
   # A teacher whose vocabulary has 8 extra (padding) rows, with arbitrary values, distils exactly

@@ -134,10 +134,17 @@ def _restore_slice_tuples(state: Any) -> Any:
   if not isinstance(state, Mapping):
     return state
   return {
-      key: ({feature: tuple(sl) for feature, sl in value.items()}
-            if key == 'remainder_slices' else _restore_slice_tuples(value))
+      key: (_remainder_slices(value) if key == 'remainder_slices'
+            else _restore_slice_tuples(value))
       for key, value in state.items()
   }
+
+
+def _remainder_slices(slices: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+  out = {feature: tuple(sl) for feature, sl in slices.items()}
+  # A state saved before the weights were packed: they are always cut where the inputs are.
+  out.setdefault('weights', out['inputs'])
+  return out
 
 
 class _JsonStateIterator(grain.DatasetIterator):
