@@ -26,6 +26,7 @@ def _hashes(directory):
           for f in sorted(os.listdir(directory))}
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_hf_to_orbax_to_hf_round_trip(tmp_path):
   convert = _convert_module()
   config = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=40,

@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from kdjax import evaluate
 from kdjax.model import ModelConfig, Transformer
@@ -32,6 +33,7 @@ def _log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_metrics_equal_a_direct_numpy_computation_over_all_tokens():
   rng = np.random.default_rng(0)
   # jit: one compile per model instead of one per operation of an eager forward.

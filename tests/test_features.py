@@ -168,6 +168,7 @@ def test_attention_maps_are_head_averaged_probabilities(teacher_params):
 # ------------------------------------------------------------------------ through the train step
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_copy_of_the_teacher_has_exactly_zero_feature_losses(teacher_params):
   """A student with the teacher's config and params: both feature terms are exactly 0, through
   the same teacher forward and student loss the step uses, on every layer (uniform map)."""

@@ -248,6 +248,7 @@ print("ok", split)
 """
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_loads_straight_into_a_sharded_layout(saved):
   # 8 CPU devices need a fresh process (the device count is fixed when JAX starts).
   import subprocess

@@ -60,6 +60,7 @@ def test_streams_read_disjoint_documents_and_process_rows_are_contiguous():
   assert firsts[0] != firsts[1]
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_state_from_several_processes_resumes_on_any_process_count():
   # The checkpointed state is every stream's state; each process reads its own streams from it.
   _, parts = _global_batches(4, 2, 3)

@@ -109,6 +109,7 @@ def test_greedy_kv_cache_equals_full_recompute_across_families(name):
     assert row[5 - len(prompt):].tolist() == _argmax_decode(p, prompt, n, cfg)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 @pytest.mark.parametrize("name", ["gemma2_scan"])
 def test_cached_forward_in_chunks_equals_full_forward(name):
   """Logits, not just their argmax: a left-padded batch fed as a 3-token prefill, then 1, 1, 1
@@ -132,6 +133,7 @@ def test_cached_forward_in_chunks_equals_full_forward(name):
                              np.asarray(full_BxLxV)[real], rtol=SAME_RTOL, atol=SAME_ATOL)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_top_k_one_is_greedy_and_sampling_is_seeded(params):
   prompt = sample.left_pad([[5, 6, 7]])
   greedy = sample.generate(CFG, params, prompt, max_new_tokens=5)

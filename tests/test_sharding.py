@@ -186,6 +186,7 @@ def test_mesh_shape_fills_minus_one_and_rejects_bad_sizes():
       sharding.mesh_shape(bad, 8)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_activation_constraints_only_under_rules():
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(

@@ -133,6 +133,7 @@ def test_prompts_without_bos_and_from_empty_documents():
 # --------------------------------------------------------------------------------- generation
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_batched_greedy_continuations_equal_each_prompt_alone(params, prompts, mesh):
   batched = _greedy_ids(params, prompts, mesh)
   for prompt, ids in zip(prompts, batched):

@@ -132,6 +132,7 @@ def test_gradient_accumulation_equals_full_batch(teacher_params, mesh, teacher):
                n1.params, n2.params)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_jit_equals_eager(teacher_params, mesh):
   state, _, step = _setup(mesh, _train_cfg())
   batch = _batch(2)
