@@ -3,13 +3,14 @@
 `Attention` is one layer's self-attention; the rest are the pure functions it and the decoder
 (kdjax.model) build on: RoPE tables (with Llama 3 frequency scaling), the causal block-diagonal
 mask over packed documents (also against a `KVCache`'s slots, and narrowed to a sliding window),
-soft-capped attention (Gemma 2) and the head-averaged attention distribution that feature
-distillation reads (kdjax.features).
+soft-capped attention (Gemma 2), attention over a KV cache's slots, and the head-averaged
+attention distribution that feature distillation reads (kdjax.features).
 
 Shape letters as in the glossary of kdjax/__init__.py: B batch, L length (queries), T = B * L
 tokens, D model width, H query heads, N key/value heads, G = H / N query heads per key/value head,
-K head size, K2 = K / 2, C key/value cache slots. Scores and softmax run in float32 whatever the
-compute dtype.
+K head size, K2 = K / 2, C key/value cache slots, BN = B * N (row b's key/value head n at
+b * N + n), GL = G * L (the query rows of one key/value head). Scores and softmax run in float32
+whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -44,10 +45,19 @@ def rope_frequencies(cfg: ModelConfig):
   return jnp.where(medium, blended, scaled)
 
 
-def rope_tables(positions_BxL, inv_freq_K2):
-  """cos and sin, each BxLx(K/2), in float32 (the rotate-half convention)."""
-  inv_freq = inv_freq_K2
-  angles_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+def rope_tables(positions_BxL, inv_freq_K2, max_position: int = 0):
+  """cos and sin, each BxLx(K/2), in float32 (the rotate-half convention).
+
+  With `max_position` > 0 they are looked up in a table of positions 0 .. max_position - 1 (NaN
+  past it), the same numbers up to rounding. Decoding does: XLA folds the table at compile time,
+  where it would recompute cos and sin inside every fused consumer (each layer's queries and
+  keys, for each head), every step.
+  """
+  if max_position > 0:
+    tables = rope_tables(jnp.arange(max_position)[None], inv_freq_K2)  # each 1 x max x K2
+    return tuple(jnp.take(t[0], positions_BxL, axis=0, mode="fill", fill_value=jnp.nan)
+                 for t in tables)
+  angles_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_K2[None, None, :]
   return jnp.cos(angles_BxLxK2), jnp.sin(angles_BxLxK2)
 
 
@@ -103,6 +113,33 @@ def _softcapped_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask_BxLxL, scale, ca
   return out.reshape(b, l, h, kd).astype(q_BxLxHxK.dtype)
 
 
+def cached_attention(q_BxLxHxK, k_BNxCxK, v_BNxCxK, mask_BxLxC, scale, cap=0.0):
+  """The L queries' attention over a KV cache's C slots: the full forward's maths (scores and
+  softmax in float32, soft-capped when cap > 0, masked at finfo.min) on the cache's layout.
+
+  The cache holds row b's key/value head n at BN index b * N + n, its C slots contiguous, so both
+  products are matmuls batched over BN that read the cache where it lies. With the full forward's
+  key layout (BxCxNxK) XLA would first copy every layer's cache into this order, every decode
+  step; with separate B and N axes, it copies it too when B = 1 (dropping that axis for the
+  matmul duplicates the cache write).
+  """
+  b, l, h, kd = q_BxLxHxK.shape
+  n, c = k_BNxCxK.shape[0] // b, k_BNxCxK.shape[1]
+  g = h // n
+  # Query heads g*G .. g*G+G-1 share key/value head g: its GL = G * L query rows, head-major.
+  q_BNxGLxK = q_BxLxHxK.reshape(b, l, n, g, kd).transpose(0, 2, 3, 1, 4).reshape(b * n, g * l, kd)
+  s_BNxGLxC = jnp.einsum("rqk,rck->rqc", q_BNxGLxK, k_BNxCxK,
+                         preferred_element_type=jnp.float32) * scale
+  if cap > 0:
+    s_BNxGLxC = cap * jnp.tanh(s_BNxGLxC / cap)
+  mask_BNxGLxC = jnp.broadcast_to(mask_BxLxC[:, None, None], (b, n, g, l, c)).reshape(
+      b * n, g * l, c)
+  s_BNxGLxC = jnp.where(mask_BNxGLxC, s_BNxGLxC, jnp.finfo(jnp.float32).min)
+  p_BNxGLxC = jax.nn.softmax(s_BNxGLxC, axis=-1).astype(v_BNxCxK.dtype)
+  out_BNxGLxK = jnp.einsum("rqc,rck->rqk", p_BNxGLxC, v_BNxCxK)
+  return out_BNxGLxK.reshape(b, n, g, l, kd).transpose(0, 3, 1, 2, 4).reshape(b, l, h, kd)
+
+
 # The collection that per-layer attention maps are sown into: `apply(..., mutable=[ATTENTION_MAPS])`
 # asks for them (kdjax.features); otherwise none is computed.
 ATTENTION_MAPS = "attention_maps"
@@ -127,6 +164,25 @@ def attention_probs(q_BxLxHxK, k_BxLxNxK, mask_BxLxL, scale, cap=0.0):
   return jnp.mean(jax.nn.softmax(s_BxNxGxLxL, axis=-1), axis=(1, 2))
 
 
+def _projections_side_by_side(x_TxD, params, dtype, widths):
+  """The query, key and value projections (Attention's DenseGeneral params) as one matmul over
+  their kernels side by side, in `dtype` as DenseGeneral computes them: q_TxHK, k_TxNK, v_TxNK
+  (`widths` = HK, NK, NK), each the same dot products as its own projection's.
+
+  Decoding reads every weight once per token, and one pass over the three kernels runs faster
+  than three. In a decode loop the kernels are loop invariant: XLA concatenates them once,
+  outside the loop.
+  """
+  names = ("query", "key", "value")
+  kernel_DxQKV = jnp.concatenate(
+      [params[name]["kernel"].reshape(x_TxD.shape[1], -1) for name in names], axis=1)
+  qkv_TxQKV = jnp.dot(x_TxD.astype(dtype), kernel_DxQKV.astype(dtype))
+  if "bias" in params["query"]:
+    qkv_TxQKV = qkv_TxQKV + jnp.concatenate(
+        [params[name]["bias"].reshape(-1) for name in names]).astype(dtype)[None]
+  return jnp.split(qkv_TxQKV, [widths[0], widths[0] + widths[1]], axis=1)
+
+
 class Attention(nn.Module):
   """One layer's grouped-query self-attention, optionally over a KV cache's slots."""
 
@@ -137,12 +193,13 @@ class Attention(nn.Module):
     """Returns (out_BxLxD, kv_cache). `cos`/`sin` are None for learned positions (no rotation).
 
     Without a cache the L tokens attend to each other and kv_cache stays None. With
-    `kv_cache` = (k_BxCxNxK, v_BxCxNxK), their keys and values are first written to slots
-    `cache_index` .. +L-1, the queries attend over all C slots (`mask_BxLxL` is then BxLxC),
-    and the updated pair is returned.
+    `kv_cache` = (k_BNxCxK, v_BNxCxK), their keys and values are first written to slots
+    `cache_index` .. +L-1, the queries attend over all C slots (`mask_BxLxL` is then BxLxC; see
+    cached_attention), and the updated pair is returned.
 
-    Projections, RoPE, cache write, attention and output stay in one method (about 65 lines):
-    Linen names the projections by where this compact method creates them.
+    Projections, RoPE, cache write, attention and output stay in one method (about 70 lines):
+    Linen names the projections by where this compact method creates them. Decoding reads the
+    projection kernels itself, side by side (see _projections_side_by_side).
     """
     cfg = self.cfg
     h, n, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
@@ -161,30 +218,39 @@ class Attention(nn.Module):
     # Projections on tokens flattened to one axis (see Mlp), reshaped back for attention.
     b, l, d = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(b * l, d)
-    q_BxLxHxK = proj(h, "query", "heads")(x_TxD).reshape(b, l, h, k)
-    k_BxLxNxK = proj(n, "key", "kv_heads")(x_TxD).reshape(b, l, n, k)
-    v_BxLxNxK = proj(n, "value", "kv_heads")(x_TxD).reshape(b, l, n, k)
+    if kv_cache is not None and not self.is_initializing():  # decoding
+      q_TxHK, k_TxNK, v_TxNK = _projections_side_by_side(
+          x_TxD, nn.meta.unbox(self.variables["params"]), dtype, (h * k, n * k, n * k))
+    else:
+      q_TxHK, k_TxNK, v_TxNK = (proj(h, "query", "heads")(x_TxD), proj(n, "key", "kv_heads")(x_TxD),
+                                proj(n, "value", "kv_heads")(x_TxD))
+    q_BxLxHxK = q_TxHK.reshape(b, l, h, k)
+    k_BxLxNxK = k_TxNK.reshape(b, l, n, k)
+    v_BxLxNxK = v_TxNK.reshape(b, l, n, k)
     if cfg.qk_norm:
       q_BxLxHxK = qk_norm("q_norm")(q_BxLxHxK)
       k_BxLxNxK = qk_norm("k_norm")(k_BxLxNxK)
     if cos_BxLxK2 is not None:
       q_BxLxHxK = apply_rope(q_BxLxHxK, cos_BxLxK2, sin_BxLxK2)
       k_BxLxNxK = apply_rope(k_BxLxNxK, cos_BxLxK2, sin_BxLxK2)
-    if kv_cache is not None:
-      # From here on the keys are the C cache slots; the L new ones among them.
-      kv_cache = tuple(jax.lax.dynamic_update_slice_in_dim(c_BxCxNxK, x_BxLxNxK, cache_index, 1)
-                       for c_BxCxNxK, x_BxLxNxK in zip(kv_cache, (k_BxLxNxK, v_BxLxNxK)))
-      k_BxLxNxK, v_BxLxNxK = kv_cache
-
     # Grouped-query attention (query heads g*G .. g*G+G-1 share key/value head g), scores and
-    # softmax in float32, masked scores at finfo.min (so exp gives exactly 0). JAX's fused
-    # attention: cuDNN's kernel on GPU where it applies, XLA's elsewhere (2x faster on CPU than
-    # the plain einsums it replaces).
+    # softmax in float32, masked scores at finfo.min (so exp gives exactly 0).
     scale = cfg.query_scale or k ** -0.5
-    if cfg.attn_softcap > 0:  # the fused kernel has no soft-cap
+    if kv_cache is not None:
+      # The L new keys and values go to slots cache_index .. +L-1 first: written before the
+      # read, the update is in place (XLA copies a loop-carried cache read before its update).
+      kv_cache = tuple(
+          jax.lax.dynamic_update_slice_in_dim(
+              c_BNxCxK, x_BxLxNxK.transpose(0, 2, 1, 3).reshape(b * n, l, k), cache_index, 1)
+          for c_BNxCxK, x_BxLxNxK in zip(kv_cache, (k_BxLxNxK, v_BxLxNxK)))
+      out_BxLxHxK = cached_attention(q_BxLxHxK, *kv_cache, mask_BxLxL, scale, cfg.attn_softcap)
+      # The C slots in the full forward's layout, for the maps below.
+      k_BxLxNxK = kv_cache[0].reshape(b, n, -1, k).transpose(0, 2, 1, 3)
+    elif cfg.attn_softcap > 0:  # the fused kernel has no soft-cap
       out_BxLxHxK = _softcapped_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask_BxLxL, scale,
                                           cfg.attn_softcap)
-    else:
+    else:  # JAX's fused attention: cuDNN's kernel on GPU where it applies, XLA's elsewhere
+      # (2x faster on CPU than the plain einsums it replaces).
       out_BxLxHxK = jax.nn.dot_product_attention(
           q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask=mask_BxLxL[:, None], scale=scale)
     out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, ("batch", "length", "heads", "head_dim"))

@@ -55,6 +55,7 @@ _DATA_DEFAULTS = {
     "data.eval_fraction": 0.05, "data.val_fraction": 0.05, "data.txt_unit": "line",
     "data.hf_dataset": "", "data.format": "", "data.messages_key": "messages",
     "data.train_on": "assistant", "data.chat_template": "",
+    "data.mix_files": "", "data.mix_weight": 0.0, "data.split_digits": False,
 }
 # Each schedulable field: its range as (check, wording) for the plain value and the schedule end.
 _SCHEDULED = {
@@ -308,6 +309,13 @@ def _check_data_source(data: Any) -> None:
     _require(0 <= data[field] < 1, f"data.{field}", f"must be in [0, 1), got {data[field]}.")
   _require(data.eval_fraction + data.val_fraction < 1, "data.eval_fraction",
            "data.eval_fraction + data.val_fraction must be below 1.")
+  _require(0 <= data.mix_weight < 1, "data.mix_weight",
+           f"must be in [0, 1) (the fraction of training records from data.mix_files), got "
+           f"{data.mix_weight}.")
+  _require(bool(data.mix_files) == (data.mix_weight > 0), "data.mix_weight",
+           "data.mix_files and data.mix_weight > 0 go together; set both or neither.")
+  _require(not data.mix_files or data.train_files or data.hf_dataset, "data.mix_files",
+           "mixes into your own train records; set data.train_files or data.hf_dataset too.")
 
 
 def _check_data(data: Any, teacher: ModelConfig, student: ModelConfig) -> None:

@@ -30,7 +30,7 @@ from kdjax.settings import (DistillSettings, FrozenTeacher, ModelSources,
 from kdjax.state import abstract_params, param_shardings
 
 
-def _phase_kwargs(config: Any) -> dict:
+def phase_kwargs(config: Any) -> dict:
   return dict(log_every=config.log_every, checkpoint_every=config.checkpoint_every,
               keep_checkpoints=config.keep_checkpoints, show_progress=config.progress_bar,
               nonfinite_patience=config.nonfinite_patience,
@@ -74,7 +74,7 @@ def run_experiment_phase(config: Any, workdir: str, phase: str, data: Data, mesh
                          rules) -> loop.PhaseResult:
   """Runs one of PHASES; 'distilled' loads the teacher from its checkpoint (read-only)."""
   common = dict(phase=phase, phase_dir=os.path.join(workdir, phase), mesh=mesh, rules=rules,
-                tokens_per_step=data.tokens_per_step, **_phase_kwargs(config))
+                tokens_per_step=data.tokens_per_step, **phase_kwargs(config))
   placement = evaluate.Placement(mesh, rules)
   if phase == "teacher":
     t_cfg = ModelConfig.from_dict(config.teacher)

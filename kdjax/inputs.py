@@ -75,6 +75,11 @@ def load_sources(config: Any) -> Sources:
     for split in sources.SPLITS:  # every record, before a tokenizer is trained on them
       for i in range(len(splits[split])):
         check(splits[split][i])
+    if d.mix_files:  # e.g. ground truth next to a teacher's answers
+      mix = sources.read_files(d.mix_files, "mix_files", d.txt_unit)
+      for i in range(len(mix)):
+        check(mix[i])
+      splits["train"] = sources.Mixed(splits["train"], mix, d.mix_weight)
   tok = load_tokenizer(d, root, splits["train"], name, lambda r: records.text_of(check(r)))
   preflight.check_vocab(config, tok.vocab_size)  # a trained tokenizer exists only now
   chat = chat_template.load(tok, d.tokenizer_path, d.chat_template) if fmt != "text" else None
@@ -163,12 +168,14 @@ def load_tokenizer(d: Any, root: str, train_source, name: str | None = None,
         "Hugging Face model directory, a tokenizer.json, a SentencePiece .model file, or set it "
         "to '' to train one on the train split.")
   name = name or d.name
-  path = d.tokenizer_path or os.path.join(root, "tokenizers", f"{name}_bpe{d.vocab_size}.model")
+  digits = "_digits" if getattr(d, "split_digits", False) else ""
+  path = d.tokenizer_path or os.path.join(root, "tokenizers",
+                                          f"{name}_bpe{d.vocab_size}{digits}.model")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   try:
     return tokenizer_lib.train_or_load(
         pipeline.texts(train_source, d.tokenizer_max_documents or None, to_text), path,
-        d.vocab_size)
+        d.vocab_size, split_digits=bool(digits))
   except (RuntimeError, hf_tokenizer.UnreadableTokenizer) as e:  # not a tokenizer file
     raise config_check.ConfigError(
         f"config.data.tokenizer_path: {path} is not a readable tokenizer "

@@ -99,6 +99,13 @@ def main(argv) -> None:
     tfds.disable_progress_bar()
   workdir = os.path.abspath(_WORKDIR.value)
   try:
+    if "task" in config:  # task distillation (kdjax.task): its own phases and data
+      from kdjax import task
+      task.preflight(config, workdir)
+      task_data = task.prepare(config)  # bad data is refused before the workdir is touched
+      _check_writable(workdir)
+      task.run(config, workdir, task_data)
+      return
     phases = preflight.preflight(config, workdir)  # before any data or compile work
     data = inputs.prepare_data(config)  # bad data is refused before the workdir is touched
     _check_writable(workdir)

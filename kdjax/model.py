@@ -14,6 +14,8 @@ For generation (kdjax.sample) the same module, with the same params, also runs i
                                                  positions_BxL, cache=cache)
 
 writes the L tokens' keys and values into a `KVCache` and attends over every slot written so far.
+Decoding runs it on `decode_params(cfg, params)`, the same model with its layers unrolled, so
+that each step updates every layer's cache in place (a scan over layers copies them every step).
 
 Every param carries logical axis names ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
 'layers', 'positions') so that shardings are derived from rules in the config, never written per parameter.
@@ -117,21 +119,40 @@ class KVCache(NamedTuple):
 
   Slots fill left to right from `index`. A slot not written yet has segment id 0 (as padding
   does), so no real token attends to it; the cached keys are stored after RoPE, in the compute
-  dtype, exactly as the full forward computes them.
+  dtype, exactly as the full forward computes them. Each layer's keys and values are arrays of
+  their own (not one stacked array), row b's head n at BN = b * N + n with its slots contiguous:
+  a decode step then writes its new slot in place and reads the cache without copying it (see
+  kdjax.attention.cached_attention).
   """
 
-  k_SxBxCxNxK: jax.Array
-  v_SxBxCxNxK: jax.Array
+  k_BNxCxK: tuple[jax.Array, ...]  # one per layer
+  v_BNxCxK: tuple[jax.Array, ...]
   segment_ids_BxC: jax.Array
   positions_BxC: jax.Array
   index: jax.Array  # int32 scalar: the first slot not yet written
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
-    kv = jnp.zeros((cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_size),
-                   jnp.dtype(cfg.dtype))
+    def kv():
+      return tuple(jnp.zeros((batch * cfg.num_kv_heads, length, cfg.head_size),
+                             jnp.dtype(cfg.dtype)) for _ in range(cfg.num_layers))
     slots = jnp.zeros((batch, length), jnp.int32)
-    return cls(kv, kv, slots, slots, jnp.zeros((), jnp.int32))
+    return cls(kv(), kv(), slots, slots, jnp.zeros((), jnp.int32))
+
+  def widened(self, length: int) -> "KVCache":
+    """The same cache with `length` slots: unwritten ones added at the end (one copy of it)."""
+    extra = length - self.segment_ids_BxC.shape[1]
+    if extra < 0:
+      raise ValueError(f"a cache of {self.segment_ids_BxC.shape[1]} slots cannot narrow to "
+                       f"{length}")
+
+    def pad(x, axis):
+      return jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
+
+    return self._replace(k_BNxCxK=tuple(pad(x, 1) for x in self.k_BNxCxK),
+                         v_BNxCxK=tuple(pad(x, 1) for x in self.v_BNxCxK),
+                         segment_ids_BxC=pad(self.segment_ids_BxC, 1),
+                         positions_BxC=pad(self.positions_BxC, 1))
 
 
 class Block(nn.Module):
@@ -148,7 +169,7 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, mask_BxLxL, local_mask_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local,
                kv_cache=None, cache_index=None):
     """`is_local` (a scanned bool per layer) picks `local_mask_BxLxL` over `mask_BxLxL`; with a
-    cache (scanned per layer, `cache_index` broadcast) both masks are BxLxC."""
+    cache (this layer's pair, `cache_index` shared) both masks are BxLxC."""
     cfg = self.cfg
     if local_mask_BxLxL is not None:
       mask_BxLxL = jnp.where(is_local, local_mask_BxLxL, mask_BxLxL)
@@ -238,12 +259,14 @@ class Transformer(nn.Module):
           embedding_init=partitioned(nn.initializers.normal(stddev=0.01),
                                       ("positions", "embed")))(positions_BxL)
       cos_BxLxK2 = sin_BxLxK2 = None
-    else:
-      cos_BxLxK2, sin_BxLxK2 = rope_tables(positions_BxL, rope_frequencies(cfg))
+    else:  # a cached token's position is below its slot: a table of C (or max_len) positions
+      cos_BxLxK2, sin_BxLxK2 = rope_tables(
+          positions_BxL, rope_frequencies(cfg),
+          0 if cache is None else max(cache.segment_ids_BxC.shape[1], cfg.max_len))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     if cache is None:
       mask_BxLxL = attention_mask(segment_ids_BxL)
-      key_positions_BxC = kv_SxBxCxNxK = cache_index = None
+      key_positions_BxC = cache_index = None
     else:  # the "BxLxL" masks below are BxLxC
       cache = cache._replace(
           segment_ids_BxC=jax.lax.dynamic_update_slice_in_dim(
@@ -252,36 +275,40 @@ class Transformer(nn.Module):
               cache.positions_BxC, positions_BxL.astype(jnp.int32), cache.index, 1))
       mask_BxLxL = cached_attention_mask(segment_ids_BxL, cache)
       key_positions_BxC, cache_index = cache.positions_BxC, cache.index
-      kv_SxBxCxNxK = (cache.k_SxBxCxNxK, cache.v_SxBxCxNxK)
     local_BxLxL = (local_mask(mask_BxLxL, positions_BxL, cfg.sliding_window, key_positions_BxC)
                    if cfg.sliding_window > 0 else None)
     is_local_S = jnp.array([cfg.is_local(i) for i in range(cfg.num_layers)])
 
     block = _remat(Block, cfg)
     if cfg.scan_layers:
+      # A cache's per-layer arrays ride through the scan stacked, in copies made per call:
+      # decoding runs the layers unrolled instead (see decode_params).
+      kv_SxBNxCxK = None if cache is None else (jnp.stack(cache.k_BNxCxK),
+                                                 jnp.stack(cache.v_BNxCxK))
       layers = nn.scan(
           block, variable_axes={"params": 0, "intermediates": 0, ATTENTION_MAPS: 0},
           split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, return_hidden, name="layers")
-      x_BxLxD, (hidden_SxBxLxD, kv_SxBxCxNxK) = layers(
-          x_BxLxD, mask_BxLxL, local_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local_S, kv_SxBxCxNxK,
+      x_BxLxD, (hidden_SxBxLxD, kv_SxBNxCxK) = layers(
+          x_BxLxD, mask_BxLxL, local_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local_S, kv_SxBNxCxK,
           cache_index)
+      if cache is not None:
+        kvs = list(zip(*(tuple(c) for c in kv_SxBNxCxK)))
     else:
       hidden, kvs = [], []
       for i in range(cfg.num_layers):
-        layer_kv = None if kv_SxBxCxNxK is None else tuple(c[i] for c in kv_SxBxCxNxK)
+        layer_kv = None if cache is None else (cache.k_BNxCxK[i], cache.v_BNxCxK[i])
         x_BxLxD, (_, layer_kv) = block(cfg, return_hidden, name=f"layer_{i}")(
             x_BxLxD, mask_BxLxL, local_BxLxL, cos_BxLxK2, sin_BxLxK2, is_local_S[i], layer_kv,
             cache_index)
         hidden.append(x_BxLxD)
         kvs.append(layer_kv)
       hidden_SxBxLxD = jnp.stack(hidden) if return_hidden else None
-      if cache is not None:
-        kv_SxBxCxNxK = tuple(jnp.stack(c) for c in zip(*kvs))
     if cache is not None:
-      cache = cache._replace(k_SxBxCxNxK=kv_SxBxCxNxK[0], v_SxBxCxNxK=kv_SxBxCxNxK[1],
+      k_BNxCxK, v_BNxCxK = zip(*kvs)
+      cache = cache._replace(k_BNxCxK=tuple(k_BNxCxK), v_BNxCxK=tuple(v_BNxCxK),
                              index=cache.index + tokens_BxL.shape[1])
 
     x_BxLxD = make_norm(cfg, "final_norm")(x_BxLxD)
@@ -291,6 +318,9 @@ class Transformer(nn.Module):
       return x_BxLxD if cache is None else (x_BxLxD, cache)
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
+    elif "unembed_VxD" in self.variables.get("params", {}):  # see decode_params
+      logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype),
+                                self.variables["params"]["unembed_VxD"].astype(dtype))
     else:
       logits_BxLxV = nn.Dense(
           cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, name="unembed",
@@ -301,6 +331,29 @@ class Transformer(nn.Module):
     if return_hidden:
       return logits_BxLxV, hidden_SxBxLxD
     return logits_BxLxV if cache is None else (logits_BxLxV, cache)
+
+
+def decode_params(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+  """The same model as decoding (kdjax.sample) runs it fastest: its layers unrolled (the scanned
+  'layers' params, stacked S first, become 'layer_0' .. 'layer_{S-1}', as `scan_layers=False`
+  names them) and an untied unembedding output-major ('unembed_VxD', in the compute dtype).
+
+  Unrolled, each layer's weights and cache are buffers of their own that XLA reads in place; a
+  scan over layers copies each layer's slice of the stacked weights and cache out (and back)
+  every step. The output-major unembedding is the layout XLA's CPU matmul reads fastest for a
+  batch of rows, as torch.nn.Linear keeps it. The stored params keep their tree and the model
+  computes the same from either: this view is made per call, one copy of the weights.
+  """
+  params = dict(params)
+  if cfg.scan_layers:
+    stacked = params.pop("layers")
+    for i in range(cfg.num_layers):
+      params[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    # Remat only matters under differentiation, which decoding never is.
+    cfg = dataclasses.replace(cfg, scan_layers=False, remat_policy="none")
+  if not cfg.tie_embeddings:
+    params["unembed_VxD"] = params.pop("unembed")["kernel"].T.astype(jnp.dtype(cfg.dtype))
+  return cfg, params
 
 
 def unembedding(cfg: ModelConfig, params: Any) -> jax.Array:

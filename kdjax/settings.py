@@ -84,6 +84,11 @@ class DataSettings:
   val_fraction: float = 0.05
   txt_unit: str = "line"  # a .txt file's records: one per 'line', 'paragraph' or 'file'
   hf_dataset: str = ""  # save_to_disk output or a folder of parquet/jsonl; splits by name
+  # Labelled records mixed into the train records (kdjax.data.sources.Mixed): globs like
+  # train_files; mix_weight is the fraction of training records drawn from them (0 = off), e.g.
+  # ground truth next to a teacher's answers.
+  mix_files: str = ""
+  mix_weight: float = 0.0
   # Records (kdjax.data.records): 'text', 'chat' or 'prompt_completion'; '' = detect.
   format: str = ""
   text_key: str = "text"
@@ -99,6 +104,7 @@ class DataSettings:
   val_split: str = "validation"  # held-out loss at each checkpoint; picks the kept best one
   tokenizer_path: str = ""  # '' = <data_dir>/tokenizers/<name>_bpe<vocab_size>.model
   tokenizer_max_documents: int = 200_000  # train the tokenizer on at most this many documents
+  split_digits: bool = False  # a trained tokenizer splits numbers into single digits
   vocab_size: int = 4096
   seq_len: int = 128
   batch_size: int = 32
@@ -112,6 +118,36 @@ class DataSettings:
   @classmethod
   def from_config(cls, d: Any) -> "DataSettings":
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+  """config.task: task distillation (kdjax.task). Files are globs of prompt/completion or chat
+  records (kdjax.data.records) whose completion (or last assistant turn) is the answer."""
+
+  # 'word_problems' writes the five files into <data.data_dir>/word_problems/ from
+  # config.task_data (kdjax.data.word_problems); '' = the files below.
+  generate: str = ""
+  teacher_files: str = ""  # the teacher's labelled training set (unused with a given teacher)
+  labelled_files: str = ""  # the user's small labelled set
+  prompt_files: str = ""  # unlabelled prompts that the teacher answers
+  val_files: str = ""  # labelled: held-out loss at each checkpoint chooses the kept one
+  test_files: str = ""  # labelled: the table's task accuracy
+  # The answer in a text (kdjax.task_eval): 'last_number', 'after_marker' (text after the last
+  # `marker`) or 'whole'.
+  extractor: str = "last_number"
+  marker: str = "The answer is"
+  max_new_tokens: int = 32  # per answer, the teacher's and every model's in evaluation
+  answer_batch_size: int = 128
+  record_topk: int = 16  # the teacher's top-k log-probs kept per answer token
+  mix_weight: float = 0.25  # the labelled share of the mixed student's training records
+  speed_batch_sizes: tuple[int, ...] = (1, 64)  # decode speed measured at these batch sizes
+  speed_runs: int = 5  # the median of this many timed decodes
+
+  @classmethod
+  def from_config(cls, t: Any) -> "TaskSettings":
+    return cls(**{f.name: tuple(t[f.name]) if f.name == "speed_batch_sizes" else t[f.name]
+                  for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,19 @@
   python scripts/benchmark.py --config=configs/bench_cpu.py
   python scripts/benchmark.py --config=configs/bench_cpu.py --config.distill.loss_chunk_size=0
   python scripts/benchmark.py --loss_table --vocab=32768,131072,262144 --loss_chunk_sizes=0,256
+  python scripts/benchmark.py --generate --hf_peer --gen_batches=1,32 --steps=7
 
 Needs kdjax installed: `pip install -e .` in the repo root.
+
+`--generate` times greedy KV-cache generation instead (kdjax.decode_speed): a Llama-family model
+of the --gen_* sizes with random weights (seed 0), or --config's `config.<--gen_model>` (teacher
+or student), or the Hugging Face checkpoint in --gen_hf_dir; --prompt_tokens random prompt
+tokens per row, --max_new_tokens new ones, one JSON line per batch size of --gen_batches with
+new_tokens_per_s and ms_per_token (medians of --steps runs after a compiling, warming call; see
+kdjax/decode_speed.py). `--hf_peer` also times transformers' `generate` on the same weights and
+prompts (scripts/hf_generate_peer.py), its runs interleaved with kdjax's so that both see the
+same machine, and adds hf_new_tokens_per_s, hf_ms_per_token, ratio (kdjax / transformers new
+tokens per second) and tokens_equal (both produced the same tokens).
 
 `--loss_table` times the distillation loss alone (no model): from final hidden states of a
 student (width --student_width) and a teacher (--teacher_width) over --loss_length tokens, value and
@@ -34,7 +45,9 @@ it, else the process's max RSS.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import resource
 import statistics
 import time
@@ -48,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from kdjax import experiment, losses, optim, sharding, train
+from kdjax import decode_speed, experiment, hf, losses, optim, sharding, train
 from kdjax.model import ModelConfig, Transformer
 from kdjax.settings import DistillSettings
 from kdjax.state import create_train_state, init_params, param_shardings
@@ -63,6 +76,21 @@ _CHUNKS = flags.DEFINE_list("loss_chunk_sizes", ["0", "256"], "Loss table: 0 = u
 _LENGTH = flags.DEFINE_integer("loss_length", 2048, "Loss table: tokens (one sequence).")
 _S_WIDTH = flags.DEFINE_integer("student_width", 512, "Loss table: student hidden width.")
 _T_WIDTH = flags.DEFINE_integer("teacher_width", 1024, "Loss table: teacher hidden width.")
+_GENERATE = flags.DEFINE_bool("generate", False, "Time greedy KV-cache generation instead.")
+_HF_PEER = flags.DEFINE_bool("hf_peer", False, "Generate: time transformers' generate too.")
+_GEN_BATCHES = flags.DEFINE_list("gen_batches", ["1", "32"], "Generate: batch sizes.")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 32, "Generate: prompt tokens per row.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Generate: new tokens per row.")
+_GEN_MODEL = flags.DEFINE_enum("gen_model", "", ["", "teacher", "student"],
+                               "Generate: take the model from --config's teacher or student.")
+_GEN_HF_DIR = flags.DEFINE_string("gen_hf_dir", None, "Generate: a Hugging Face checkpoint.")
+_GEN_VOCAB = flags.DEFINE_integer("gen_vocab", 8192, "Generate: vocabulary.")
+_GEN_D_MODEL = flags.DEFINE_integer("gen_d_model", 512, "Generate: model width.")
+_GEN_LAYERS = flags.DEFINE_integer("gen_layers", 8, "Generate: layers.")
+_GEN_HEADS = flags.DEFINE_integer("gen_heads", 8, "Generate: query heads.")
+_GEN_KV_HEADS = flags.DEFINE_integer("gen_kv_heads", 8, "Generate: key/value heads.")
+_GEN_MLP = flags.DEFINE_integer("gen_mlp", 1408, "Generate: SwiGLU MLP width.")
+_GEN_TIE = flags.DEFINE_bool("gen_tie", False, "Generate: tie the embeddings.")
 
 # Dense peak FLOP/s from vendor data sheets, by device_kind substring and compute dtype.
 DATASHEET = {
@@ -205,15 +233,82 @@ def loss_row(vocab: int, chunk_size: int) -> dict:
           "logits_bytes": length * vocab * 4, "ms": round(1e3 * statistics.median(times), 1)}
 
 
+def generation_model() -> tuple[ModelConfig, object, str | None]:
+  """(cfg, params, hf_dir) of the model --generate times (see the module doc)."""
+  if _GEN_HF_DIR.value:
+    cfg, params = hf.load_pretrained(_GEN_HF_DIR.value)
+    return cfg, params, _GEN_HF_DIR.value
+  if _GEN_MODEL.value:
+    if _CONFIG.value is None:
+      raise app.UsageError("--gen_model needs --config.")
+    cfg = ModelConfig.from_dict(_CONFIG.value[_GEN_MODEL.value])
+  else:
+    d, heads = _GEN_D_MODEL.value, _GEN_HEADS.value
+    cfg = ModelConfig(vocab_size=_GEN_VOCAB.value, d_model=d, num_layers=_GEN_LAYERS.value,
+                      num_heads=heads, num_kv_heads=_GEN_KV_HEADS.value, head_dim=d // heads,
+                      mlp_dim=_GEN_MLP.value, tie_embeddings=_GEN_TIE.value,
+                      max_len=_PROMPT_TOKENS.value + _MAX_NEW_TOKENS.value)
+  tokens_1x1 = jnp.zeros((1, 1), jnp.int32)
+  params = nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens_1x1)["params"])
+  return cfg, params, None
+
+
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return jax.devices()[0].device_kind
+
+
+def generation_rows():
+  """Yields one dict per batch size: kdjax's greedy decode speed, and the peer's with --hf_peer."""
+  cfg, params, hf_dir = generation_model()
+  p, a = _PROMPT_TOKENS.value, _MAX_NEW_TOKENS.value
+  peer = model = None
+  if _HF_PEER.value:  # loaded by path: torch and transformers only when asked for
+    spec = importlib.util.spec_from_file_location(
+        "hf_generate_peer", os.path.join(os.path.dirname(__file__), "hf_generate_peer.py"))
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    model = peer.load(cfg, params, hf_dir)
+  for batch in map(int, _GEN_BATCHES.value):
+    prompt_BxP = decode_speed.random_prompts(cfg, batch, p)
+    runs = [decode_speed.greedy_generator(cfg, params, prompt_BxP, a)]
+    if peer is not None:
+      runs.append(peer.greedy_generator(model, prompt_BxP, a))
+    first_call_s = [decode_speed.timed(run) for run in runs]  # compiles kdjax's
+    tokens = [run() for run in runs]
+    times = [[] for _ in runs]
+    for _ in range(_STEPS.value):  # interleaved: both see the same machine
+      for run, run_s in zip(runs, times):
+        run_s.append(decode_speed.timed(run))
+    row = {"batch": batch, "prompt_tokens": p, "max_new_tokens": a, "params": cfg.num_params(),
+           "model": f"{cfg.family or 'llama'} V{cfg.vocab_size} D{cfg.d_model} S{cfg.num_layers} "
+                    f"H{cfg.num_heads}/{cfg.num_kv_heads} F{cfg.mlp_dim}",
+           "cpu": cpu_name(), **decode_speed.speed_row(times[0], batch, a),
+           "first_call_s": round(first_call_s[0], 2)}
+    if peer is not None:
+      hf_row = decode_speed.speed_row(times[1], batch, a)
+      row.update({f"hf_{k}": v for k, v in hf_row.items()},
+                 ratio=round(row["new_tokens_per_s"] / hf_row["new_tokens_per_s"], 2),
+                 tokens_equal=bool(np.array_equal(tokens[0], tokens[1])))
+    yield row
+
+
 def main(argv):
   del argv
+  if _GENERATE.value:
+    for row in generation_rows():
+      print(json.dumps(row), flush=True)
+    return
   if _LOSS_TABLE.value:
     for vocab in map(int, _VOCAB.value):
       for chunk_size in map(int, _CHUNKS.value):
         print(json.dumps(loss_row(vocab, chunk_size)), flush=True)
     return
   if _CONFIG.value is None:
-    raise app.UsageError("--config is required (or --loss_table).")
+    raise app.UsageError("--config is required (or --loss_table, --generate).")
   print(json.dumps(benchmark(_CONFIG.value)))
 
 

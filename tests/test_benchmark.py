@@ -46,3 +46,23 @@ def test_benchmark_prints_one_json_line_with_the_figures():
   assert row["tokens_per_sec"] == pytest.approx(8 * 64 / (row["step_ms"] / 1e3), rel=1e-2)
   assert row["mfu"] == pytest.approx(row["achieved_flops"] / row["peak_flops"], rel=1e-3)
   assert row["loss_chunk_size"] == 128
+
+
+@pytest.mark.slow
+def test_generate_prints_one_line_per_batch_with_the_peers_figures():
+  """--generate --hf_peer on a tiny model: kdjax's and transformers' greedy tokens agree."""
+  out = subprocess.run(
+      [sys.executable, "scripts/benchmark.py", "--generate", "--hf_peer", "--gen_batches=1,3",
+       "--steps=2", "--gen_vocab=256", "--gen_d_model=64", "--gen_layers=2", "--gen_heads=4",
+       "--gen_kv_heads=2", "--gen_mlp=128", "--prompt_tokens=6", "--max_new_tokens=9"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=scripts_loader.subprocess_env(JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
+  assert [row["batch"] for row in rows] == [1, 3]
+  for row in rows:
+    assert row["tokens_equal"] and row["max_new_tokens"] == 9
+    for key in ("new_tokens_per_s", "ms_per_token", "hf_new_tokens_per_s", "hf_ms_per_token"):
+      assert row[key] > 0, key
+    assert row["ratio"] == pytest.approx(
+        row["new_tokens_per_s"] / row["hf_new_tokens_per_s"], rel=0.02)

@@ -1,5 +1,7 @@
 """Sampling: KV-cache greedy generation equals argmax decoding by full recompute; left padding is
-invisible; top-k / top-p keep what a numpy oracle keeps; sampling is seeded.
+invisible; top-k / top-p keep what a numpy oracle keeps; sampling is seeded. What decoding runs
+(layers unrolled, a cache widened between loops) computes what the full forward computes, and the
+compiled decode loop updates its cache in place; kdjax.decode_speed reports sane figures.
 
 The oracle for generation never touches the cache: each step it calls Transformer.apply (the
 path that tests/test_model.py checks against a numpy decoder) on the whole of a row's unpadded
@@ -8,6 +10,7 @@ sequence so far. Shapes are tiny: B batch, P prompt width, N new tokens, V vocab
 
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -16,8 +19,9 @@ import numpy as np
 import pytest
 from support.quick import first_quick
 
-from kdjax import sample
-from kdjax.model import KVCache, ModelConfig, Transformer
+from kdjax import decode_speed, sample
+from kdjax.attention import rope_frequencies, rope_tables
+from kdjax.model import KVCache, ModelConfig, Transformer, decode_params
 
 CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
                   mlp_dim=32, max_len=32)
@@ -240,3 +244,117 @@ def test_generate_texts_starts_without_bos_and_decodes_without_padding(params):
     assert tok.encode(text) == _argmax_decode(params, prompt, 3)
   with pytest.raises(ValueError, match="no tokens"):
     sample.generate_texts(CFG, params, tok, [""], max_new_tokens=1)
+
+
+def _cached_logits(cfg, params, tokens_BxL, segment_ids_BxL, positions_BxL, chunks, slots):
+  """Logits of the tokens fed to a KVCache chunk by chunk (start, stop), widened to `slots[j]`
+  before chunk j, concatenated over the length."""
+  model, cache, out = Transformer(cfg), KVCache.zeros(cfg, tokens_BxL.shape[0], slots[0]), []
+  step = jax.jit(lambda p, t, s, q, c: model.apply({"params": p}, t, s, q, cache=c))
+  for (start, stop), width in zip(chunks, slots):
+    cache = cache.widened(width)
+    logits, cache = step(params, tokens_BxL[:, start:stop], segment_ids_BxL[:, start:stop],
+                         positions_BxL[:, start:stop], cache)
+    out.append(logits)
+  return np.asarray(jnp.concatenate(out, axis=1))
+
+
+@pytest.mark.parametrize("name", first_quick(["llama3_window_scan", "gemma2_scan",
+                                              "gpt2_unrolled"]))
+def test_decode_params_in_widening_chunks_equal_the_full_forward(name):
+  """The view decoding runs (decode_params), fed chunk by chunk through a cache that widens
+  between chunks (as between decode loops), gives the full forward's logits, left padding
+  included.
+
+  The oracle is the full forward in float64: float32 rounding alone moves these logits (soft-
+  capped, through post-norms) by a few 1e-6, the float32 full forward's own distance from it, so
+  the cached logits must be no further from it than twice that (plus SAME_ATOL).
+  """
+  cfg = FAMILY_CFGS[name]
+  p = _init(cfg)
+  d_cfg, d_params = decode_params(cfg, p)
+  assert not d_cfg.scan_layers and "layers" not in d_params
+  tokens_BxL = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+  segment_ids_BxL = jnp.asarray([[1] * 7, [0] * 2 + [1] * 5], jnp.int32)
+  positions_BxL = jnp.asarray([list(range(7)), [0] * 2 + list(range(5))], jnp.int32)
+  real = np.asarray(segment_ids_BxL) > 0
+
+  def full(cfg, p):
+    return np.asarray(jax.jit(Transformer(cfg).apply)(
+        {"params": p}, tokens_BxL, segment_ids_BxL, positions_BxL))[real]
+
+  full_32 = full(cfg, p)
+  with jax.enable_x64(True):
+    full_64 = full(dataclasses.replace(cfg, dtype="float64", param_dtype="float64"),
+                   jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), p))
+  cached = _cached_logits(d_cfg, d_params, tokens_BxL, segment_ids_BxL, positions_BxL,
+                          [(0, 4), (4, 5), (5, 7)], [5, 5, 7])[real]
+  assert np.abs(cached - full_64).max() <= 2 * np.abs(full_32 - full_64).max() + SAME_ATOL
+
+
+def test_decode_params_leave_the_stored_tree_alone():
+  cfg = FAMILY_CFGS["llama3_window_scan"]  # scanned, untied
+  p = _init(cfg)
+  before = jax.tree.map(np.asarray, p)
+  _, d_params = decode_params(cfg, p)
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, p))
+  for i in range(cfg.num_layers):
+    jax.tree.map(lambda u, s, i=i: np.testing.assert_array_equal(u, s[i]),
+                 d_params[f"layer_{i}"], p["layers"])
+  np.testing.assert_array_equal(d_params["unembed_VxD"], p["unembed"]["kernel"].T)
+
+
+def test_rope_table_lookup_equals_computed_tables_and_is_nan_past_it():
+  inv_freq_K2 = rope_frequencies(CFG)
+  positions_BxL = jnp.asarray([[0, 3, 7], [5, 1, 2]], jnp.int32)
+  for table, direct in zip(rope_tables(positions_BxL, inv_freq_K2, 8),
+                           rope_tables(positions_BxL, inv_freq_K2)):
+    np.testing.assert_allclose(np.asarray(table), np.asarray(direct), rtol=1e-6, atol=1e-6)
+  assert np.isnan(np.asarray(rope_tables(positions_BxL, inv_freq_K2, 7)[0])[0, 2]).all()
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 31, 32, 100, 500])
+@pytest.mark.parametrize("num_layers", [1, 8, 12, 40])
+def test_decode_spans_cover_every_step_once_in_few_loops(max_new_tokens, num_layers):
+  spans = sample.decode_spans(max_new_tokens, num_layers)
+  assert spans[0][0] == 0 and spans[-1][1] == max_new_tokens
+  assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+  assert len(spans) <= sample.MAX_SPANS
+  assert len(spans) == 1 or len(spans) * num_layers <= sample.MAX_LOOP_LAYERS
+  assert all(stop - start >= min(sample.MIN_SPAN, max_new_tokens) for start, stop in spans)
+
+
+def _cache_copies_in_decode_loops(cfg, batch):
+  """Copies of a KV-cache-shaped array inside the compiled decode loops' bodies."""
+  p = _init(cfg)
+  prompt_BxP = jnp.zeros((batch, 4), jnp.int32)
+  hlo = sample._generate.lower(
+      p, prompt_BxP, np.full((batch,), 4, np.int32), jax.random.key_data(jax.random.key(0)),
+      cfg=cfg, max_new_tokens=40, temperature=0.0, top_k=None, top_p=None).compile().as_text()
+  computations = {m.group(1): m.group(2) for m in re.finditer(
+      r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)^\}", hlo, re.S | re.M)}
+  bodies = [computations[name] for name in re.findall(r"body=%([\w.\-]+)", hlo)]
+  slots = "|".join(str(4 - 1 + stop) for _, stop in sample.decode_spans(40, cfg.num_layers))
+  cache = rf"f32\[{batch * cfg.num_kv_heads},({slots}),{cfg.head_size}\]"
+  assert bodies and all(re.search(cache, body) for body in bodies)  # the pattern does match
+  return sum(len(re.findall(cache + r"\S* copy\(", body)) for body in bodies)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_loop_updates_the_cache_in_place(batch):
+  """Each step writes one slot per layer; a copy of a whole cache array in the loop would make a
+  step's cost grow with the cache (batch 1 once did: XLA dropped the unit batch axis for the
+  attention matmul and duplicated the cache write)."""
+  assert _cache_copies_in_decode_loops(CFG, batch) == 0
+
+
+def test_decode_speed_reports_positive_figures_per_batch_size(params):
+  speed = decode_speed.decode_speed(CFG, params, batch_sizes=(1, 3), prompt_tokens=5,
+                                    max_new_tokens=4, runs=2)
+  assert list(speed) == ["1", "3"]
+  for batch, row in speed.items():
+    assert row["batch"] == int(batch) and len(row["run_s"]) == 2
+    assert row["new_tokens_per_s"] > 0 and row["ms_per_token"] > 0
+    assert row["params"] == CFG.num_params()
+  np.testing.assert_array_equal(decode_speed.random_prompts(CFG, 3, 5),
+                                decode_speed.random_prompts(CFG, 3, 5))

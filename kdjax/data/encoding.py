@@ -33,11 +33,13 @@ class Encoder:
 
   def __init__(self, fmt: str, tokenizer: Any, chat: chat_template.Chat | None = None, *,
                train_on: str = "assistant", text_key: str = "text",
-               messages_key: str = "messages"):
+               messages_key: str = "messages", answer_logits: Any = None):
     if fmt not in records.FORMATS:
       raise DataError(f"data.format: {fmt!r} is not one of {records.FORMATS}.")
     self.fmt, self.tokenizer, self.chat, self.train_on = fmt, tokenizer, chat, train_on
     self.text_key, self.messages_key = text_key, messages_key
+    # kdjax.data.answer_logits.AnswerLogits: a teacher's recorded top-k, attached per document.
+    self.answer_logits = answer_logits
     self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     self._eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
 
@@ -59,6 +61,14 @@ class Encoder:
       return ids, _span(len(ids), len(head), len(ids))
     return self._prompted(record, prompt, completion)
 
+  def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+    """The ids a model continues to answer `prompt` (records.prompt_of): what training puts
+    before a completion, [BOS] prompt for a string, the chat template with its generation
+    prompt for messages."""
+    if isinstance(prompt, str):
+      return self._bos + self.tokenizer.encode(prompt)
+    return self._need_chat().ids(prompt, add_generation_prompt=True)
+
   def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     ids, answers = self.ids_and_answers(record)
     ids_ = np.asarray(ids, np.int32)
@@ -66,7 +76,16 @@ class Encoder:
     if self.fmt != "text" and not weights.any():
       raise DataError(f"{records.where(record)}: no answer tokens after tokenizing; check the "
                       "record's answer, or set data.train_on='all'.")
-    return {"inputs": ids_[:-1], "targets": ids_[1:], "weights": weights}
+    doc = {"inputs": ids_[:-1], "targets": ids_[1:], "weights": weights}
+    if self.answer_logits is not None:
+      doc.update(self.answer_logits.attach(record, ids, answers))
+    return doc
+
+  @property
+  def features(self) -> tuple[str, ...]:
+    """The per-target arrays of every document, which packing cuts together."""
+    extra = () if self.answer_logits is None else tuple(self.answer_logits.empty(0))
+    return ("inputs", "targets", "weights") + extra
 
   def _need_chat(self) -> chat_template.Chat:
     if self.chat is None:

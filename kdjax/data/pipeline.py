@@ -97,9 +97,11 @@ def _has_inputs(document: dict[str, np.ndarray]) -> bool:
   return len(document['inputs']) > 0
 
 
-def _tokenized(documents: grain.MapDataset, tokenizer: TextTokenizer,
-               encode: Encoder | None) -> grain.MapDataset:
-  encode = encode or Encoder('text', tokenizer)
+def _encoder(tokenizer: TextTokenizer, encode: Encoder | None) -> Encoder:
+  return encode or Encoder('text', tokenizer)
+
+
+def _tokenized(documents: grain.MapDataset, encode: Encoder) -> grain.MapDataset:
   return documents.map(lambda example: encode(_as_record(example))).filter(_has_inputs)
 
 
@@ -108,12 +110,14 @@ def _documents(source: Sequence[Any]) -> grain.MapDataset:
 
 
 def _packed_batches(
-    documents: grain.IterDataset, *, seq_len: int, batch_size: int, drop_remainder: bool
+    documents: grain.IterDataset, *, seq_len: int, batch_size: int, drop_remainder: bool,
+    features: Sequence[str] = _PACKED_FEATURES,
 ) -> grain.IterDataset:
-  # inputs, targets and weights have equal lengths per document, so they are cut at the same
-  # places and get identical *_segment_ids and *_positions.
+  # Every feature (inputs, targets, weights, and a recorded teacher's per-target arrays) has one
+  # entry per target of a document, so all are cut at the same places and get identical
+  # *_segment_ids and *_positions.
   rows = grain.experimental.ConcatThenSplitIterDataset(
-      documents, length_struct={key: seq_len for key in _PACKED_FEATURES}
+      documents, length_struct={key: seq_len for key in features}
   )
   return rows.batch(batch_size, drop_remainder=drop_remainder).map(_batch_from_packed)
 
@@ -127,6 +131,9 @@ def _batch_from_packed(packed: Batch) -> Batch:
       'positions': packed['inputs_positions'],
       # The answer mask rode through packing as `weights`: prompts and padding count 0.
       'mask': ((segment_ids_BxL != 0) & (packed['weights'] != 0)).astype(np.float32),
+      # A recorded teacher's top-k (kdjax.data.answer_logits), where the records carry it.
+      **{key: value for key, value in packed.items()
+         if key.startswith('t_') and not key.endswith(('_segment_ids', '_positions'))},
   }
 
 
@@ -193,10 +200,10 @@ def train_iterator(
     raise ValueError(f'Shard {shard_index}/{shard_count} of a {len(source)}-document source is empty.')
   # Shuffle before repeat: repeat reseeds the shuffle per epoch and keeps epochs apart.
   documents = documents.shuffle(seed=seed).repeat()
-  tokens = _tokenized(documents, tokenizer, encode)
+  encode = _encoder(tokenizer, encode)
   batches = _packed_batches(
-      tokens.to_iter_dataset(_READ_OPTIONS),
-      seq_len=seq_len, batch_size=batch_size, drop_remainder=True,
+      _tokenized(documents, encode).to_iter_dataset(_READ_OPTIONS),
+      seq_len=seq_len, batch_size=batch_size, drop_remainder=True, features=encode.features,
   )
   return _JsonStateIterator(iter(batches))
 
@@ -204,7 +211,8 @@ def train_iterator(
 def _pad_rows(batch: Batch, batch_size: int) -> Batch:
   """Appends all-zero rows (mask 0) so that every eval batch has batch_size rows."""
   missing = batch_size - batch['inputs'].shape[0]
-  return {key: np.pad(value_BxL, ((0, missing), (0, 0))) for key, value_BxL in batch.items()}
+  return {key: np.pad(value, ((0, missing),) + ((0, 0),) * (value.ndim - 1))
+          for key, value in batch.items()}
 
 
 def eval_batches(
@@ -221,9 +229,9 @@ def eval_batches(
   The last batch is filled with all-zero rows and the last row with padding, both with mask 0, so
   averaging a loss over mask counts every real target exactly once.
   """
-  tokens = _tokenized(_documents(source), tokenizer, encode)
+  encode = _encoder(tokenizer, encode)
   batches = _packed_batches(
-      tokens.to_iter_dataset(_READ_OPTIONS),
-      seq_len=seq_len, batch_size=batch_size, drop_remainder=False,
+      _tokenized(_documents(source), encode).to_iter_dataset(_READ_OPTIONS),
+      seq_len=seq_len, batch_size=batch_size, drop_remainder=False, features=encode.features,
   )
   return [_pad_rows(batch, batch_size) for batch in itertools.islice(batches, max_batches)]

@@ -149,6 +149,42 @@ def checked(record: Any, fmt: str, text_key: str, messages_key: str,
   return canon
 
 
+def prompt_of(record: Any, messages_key: str) -> dict[str, Any]:
+  """A record as a prompt to answer: {'prompt': str or messages, 'reference': str or None}.
+
+  Prompt records are {'prompt': ...} (a 'completion' beside it is the reference answer) or chat
+  records, whose prompt is the conversation before its last assistant turn (that turn is the
+  reference; a conversation ending with a user turn has none).
+  """
+  if not isinstance(record, Mapping):
+    raise DataError(f"a record must be a JSON object, got {type(record).__name__}; write one "
+                    "object per record.")
+  if "prompt" in record:
+    prompt, reference = record["prompt"], record.get("completion")
+    if isinstance(prompt, list):
+      prompt = _messages(record, prompt, "prompt")
+      if isinstance(reference, list):
+        reference = "".join(m["content"] for m in _messages(record, reference, "completion"))
+    else:
+      prompt = _string(record, "prompt", "")
+    if reference is not None and not isinstance(reference, str):
+      raise _fail(record, "'completion' (the reference answer) must be a string or messages; "
+                          "fix the record.")
+    return {"prompt": prompt, "reference": reference}
+  if isinstance(record.get(messages_key), list) or isinstance(record.get(_SHAREGPT_KEY), list):
+    messages = _messages_of(record, messages_key)
+    reference = None
+    if messages[-1]["role"] == "assistant":
+      messages, reference = messages[:-1], messages[-1]["content"]
+    if not messages or messages[-1]["role"] not in ("user", "tool"):
+      raise _fail(record, "a chat prompt must end with a user (or tool) turn, optionally followed "
+                          "by one assistant turn, the reference answer; fix the record.")
+    return {"prompt": messages, "reference": reference}
+  fields = sorted(k for k in record if k != WHERE)
+  raise _fail(record, f"no prompt in its fields {fields}; give 'prompt' (a string or messages) "
+                      f"or '{messages_key}' (data.messages_key) ending with a user turn.")
+
+
 def text_of(canon: Mapping[str, Any]) -> str:
   """All the text of a canonical record (what a tokenizer trained on this data should see)."""
   if "text" in canon:

@@ -87,6 +87,12 @@ class Records(Sequence):
 # ------------------------------------------------------------------------------------ files
 
 
+def _setting(field: str) -> str:
+  """The setting a user wrote: a data field by its name ('train_files'), others in full
+  ('task.test_files', '--prompts')."""
+  return field if "." in field or field.startswith("-") else f"data.{field}"
+
+
 def expand(spec: str, field: str) -> list[str]:
   """The files a comma-separated list of globs or directories names, in a stable order."""
   paths: list[str] = []
@@ -98,12 +104,12 @@ def expand(spec: str, field: str) -> list[str]:
     else:
       matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
     if not matches:
-      raise DataError(f"data.{field}: {pattern!r} matches no file; check the path (relative "
+      raise DataError(f"{_setting(field)}: {pattern!r} matches no file; check the path (relative "
                       f"paths start at {os.getcwd()}) or the glob.")
     paths += [m for m in matches if m not in paths]
   for path in paths:
     if not path.endswith(EXTENSIONS):
-      raise DataError(f"data.{field}: {path} is not a file kdjax reads ({', '.join(EXTENSIONS)}); "
+      raise DataError(f"{_setting(field)}: {path} is not a file kdjax reads ({', '.join(EXTENSIONS)}); "
                       "convert it or leave it out of the glob.")
   return paths
 
@@ -114,7 +120,7 @@ def read_files(spec: str, field: str, txt_unit: str = "line") -> Records:
 
 def _read_file(path: str, field: str, txt_unit: str) -> _Table:
   if os.path.getsize(path) == 0:
-    raise DataError(f"{path}: empty file; add records or leave it out of data.{field}.")
+    raise DataError(f"{path}: empty file; add records or leave it out of {_setting(field)}.")
   try:
     if path.endswith(".parquet"):
       table = _read_parquet(path)
@@ -130,7 +136,7 @@ def _read_file(path: str, field: str, txt_unit: str) -> _Table:
   except (OSError, EOFError) as e:  # e.g. a truncated or mislabelled .gz
     raise DataError(f"{path}: cannot be read ({e}); check the file.") from None
   if len(table) == 0:
-    raise DataError(f"{path}: holds no records; add records or leave it out of data.{field}.")
+    raise DataError(f"{path}: holds no records; add records or leave it out of {_setting(field)}.")
   return table
 
 
@@ -231,6 +237,44 @@ def read_hf_dataset(path: str, cache_dir: str) -> dict[str, Records]:
         from None
   splits = {"train": ds} if isinstance(ds, datasets.Dataset) else dict(ds)
   return {name: Records([_Table(split, f"{path}[{name}]")]) for name, split in splits.items()}
+
+
+# ------------------------------------------------------------------------------------ mixed
+
+
+class Mixed(Sequence):
+  """`main`'s records with `extra`'s mixed in, a `weight` fraction of the whole.
+
+  Every record of `main` appears once; record i of the mix is from `extra` when the running
+  share floor((i + 1) * weight) steps up, so any stretch of the mix holds `weight` of `extra`'s
+  records to within one, and `extra` is cycled through (repeated) as often as that takes. The
+  training pipeline shuffles the mix like any source.
+  """
+
+  def __init__(self, main: Sequence[Any], extra: Sequence[Any], weight: float):
+    if not 0 < weight < 1 or not len(main) or not len(extra):
+      raise ValueError(f"Mixed needs records on both sides and 0 < weight < 1, got {weight}")
+    self._main, self._extra, self._weight = main, extra, float(weight)
+    # The shortest mix that holds every main record (n records hold floor(n * weight) extra).
+    n = len(main)
+    while n - self._extra_before(n) < len(main):
+      n += 1
+    self._len = n
+
+  def __len__(self) -> int:
+    return self._len
+
+  def _extra_before(self, i: int) -> int:
+    return int(np.floor(i * self._weight))
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    if not -len(self) <= i < len(self):
+      raise IndexError(i)
+    i %= len(self)
+    k = self._extra_before(i)
+    if self._extra_before(i + 1) > k:
+      return self._extra[k % len(self._extra)]
+    return self._main[i - k]
 
 
 # ---------------------------------------------------------------------------------- held out

@@ -97,15 +97,19 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
         yield line
 
 
-def train(texts: Iterable[str], vocab_size: int, model_type: str = 'bpe') -> bytes:
+def train(texts: Iterable[str], vocab_size: int, model_type: str = 'bpe',
+          split_digits: bool = False) -> bytes:
   """Trains a SentencePiece model on the lines of `texts`; returns the serialized model.
+
+  With `split_digits` every digit is a piece of its own (numbers are read digit by digit, as
+  arithmetic needs).
 
   Deterministic: the same texts give the same bytes (fixed seed, ordered input, fixed threads).
   """
   spm.set_random_generator_seed(_SEED)
   model = io.BytesIO()
   try:
-    _train_into(model, texts, vocab_size, model_type)
+    _train_into(model, texts, vocab_size, model_type, split_digits)
   except RuntimeError as e:
     # SentencePiece refuses sizes below the corpus's character set or above what it can merge.
     reason = str(e).split("]")[-1].strip()
@@ -114,7 +118,8 @@ def train(texts: Iterable[str], vocab_size: int, model_type: str = 'bpe') -> byt
   return model.getvalue()
 
 
-def _train_into(model: io.BytesIO, texts: Iterable[str], vocab_size: int, model_type: str):
+def _train_into(model: io.BytesIO, texts: Iterable[str], vocab_size: int, model_type: str,
+                split_digits: bool):
   spm.SentencePieceTrainer.train(
       sentence_iterator=_lines(texts),
       model_writer=model,
@@ -129,6 +134,7 @@ def _train_into(model: io.BytesIO, texts: Iterable[str], vocab_size: int, model_
       add_dummy_prefix=False,
       allow_whitespace_only_pieces=True,  # verse indentation becomes one piece
       byte_fallback=True,
+      split_digits=split_digits,
       character_coverage=1.0,
       input_sentence_size=_MAX_TRAINING_LINES,
       shuffle_input_sentence=True,  # only matters above the cap; seeded above
@@ -156,6 +162,7 @@ def train_or_load(
     model_path: str | os.PathLike[str],
     vocab_size: int,
     model_type: str = 'bpe',
+    split_digits: bool = False,
 ) -> Tokenizer | hf_tokenizer.HFTokenizer:
   """Loads model_path if it exists, else trains on `texts` (train split only!) and saves there.
 
@@ -171,6 +178,6 @@ def train_or_load(
       raise ValueError(f'{model_path} has vocab size {tokenizer.vocab_size}, not {vocab_size}; '
                        'delete it or point model_path elsewhere.')
     return tokenizer
-  model_proto = train(texts, vocab_size, model_type)
+  model_proto = train(texts, vocab_size, model_type, split_digits)
   _write_atomically(model_path, model_proto)
   return Tokenizer(model_proto)

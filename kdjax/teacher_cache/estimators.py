@@ -58,6 +58,9 @@ Array = jax.Array
 # The keys a cached batch carries (reader.TeacherCache.batch returns them).
 TOPK_IDS, TOPK_LOGPROBS, RESIDUAL = "t_topk_ids", "t_topk_logprobs", "t_residual"
 SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS = "t_sample_ids", "t_sample_counts", "t_sample_logprobs"
+# 1 where a token has a recorded teacher distribution (answers with their top-k, packed with
+# records that have none); a cache built per batch has one everywhere and omits it.
+TEACHER_WEIGHT = "t_weight"
 
 
 def _f32(x: Array) -> Array:
@@ -200,7 +203,10 @@ def distillation_loss(s_logits_BxLxV: Array, cached: Mapping[str, Array], labels
   """losses.distillation_loss with the soft term from the cache: (loss, metrics), same metrics.
 
   alpha and temperature may be traced scalars (a schedule, kdjax.schedules); then both terms are
-  always computed and blended arithmetically, as losses.distillation_loss does.
+  always computed and blended arithmetically, as losses.distillation_loss does. Where `cached`
+  has a per-token TEACHER_WEIGHT (recorded answers, kdjax.data.answer_logits), the soft term is
+  the mean over the masked tokens that have a recorded teacher, and the hard term counts every
+  masked token (ground truth mixed in has no teacher distribution).
   """
   static_alpha = losses.is_static(alpha)
   if static_alpha and not 0.0 <= alpha <= 1.0:
@@ -209,7 +215,10 @@ def distillation_loss(s_logits_BxLxV: Array, cached: Mapping[str, Array], labels
   if static_alpha and alpha == 0.0:
     soft = jnp.zeros_like(hard)
   else:
-    soft = soft_loss(estimator, s_logits_BxLxV, cached, mask_BxL, temperature=temperature)
+    soft_mask_BxL = mask_BxL
+    if TEACHER_WEIGHT in cached:
+      soft_mask_BxL = mask_BxL * cached[TEACHER_WEIGHT].astype(mask_BxL.dtype)
+    soft = soft_loss(estimator, s_logits_BxLxV, cached, soft_mask_BxL, temperature=temperature)
   total = losses.blend(alpha, soft, hard)
   metrics = {"loss": total, "soft_loss": soft, "hard_loss": hard,
              "num_tokens": jnp.sum(mask_BxL.astype(jnp.float32))}
