@@ -25,12 +25,25 @@ MODES = ("experiment", "teacher", "distill", "scratch", "eval")
 # The config groups whose values decide what a phase computes. A phase resumes only if these are
 # unchanged; everything else (logging, checkpoint cadence, eval and sampling settings, the mesh,
 # where the data lives) may change between runs.
+# The config fields that alter each phase's math: a top-level section, or one field of it.
+_TEACHER_SOURCE = ("teacher", "teacher_train", "teacher_checkpoint", "teacher_hf")
+# A task run (kdjax.task): its data is generated from task_data or read from task.*_files, its
+# students learn the teacher's answers (seq), their recorded log-probs (logits) and a labelled
+# mix (mixed); scoring and speed settings (extractor, marker, speed_*) alter no phase.
+_TASK_DATA = ("task_data", "task.generate", "task.val_files")
+_TASK_STUDENT = ("seed", "data", "student", "student_train", "student_init", *_TASK_DATA,
+                 "task.labelled_files")
+_TASK_ANSWERS = (*_TASK_STUDENT, *_TEACHER_SOURCE, "frozen_teacher", "task.teacher_files",
+                 "task.prompt_files", "task.max_new_tokens", "task.answer_batch_size")
 PHASE_FIELDS = {
-    "teacher": ("seed", "data", "teacher", "teacher_train"),
-    "distilled": ("seed", "data", "student", "student_train", "distill", "teacher",
-                  "teacher_train", "teacher_checkpoint", "teacher_hf", "frozen_teacher",
-                  "student_init"),
+    "teacher": ("seed", "data", "teacher", "teacher_train", *_TASK_DATA, "task.teacher_files"),
+    "distilled": ("seed", "data", "student", "student_train", "distill", *_TEACHER_SOURCE,
+                  "frozen_teacher", "student_init"),
     "scratch": ("seed", "data", "student", "student_train", "student_init"),
+    "labelled": _TASK_STUDENT,
+    "seq": _TASK_ANSWERS,
+    "logits": (*_TASK_ANSWERS, "distill", "task.record_topk"),
+    "mixed": (*_TASK_ANSWERS, "distill", "task.record_topk", "task.mix_weight"),
 }
 _NON_MATH_DATA = {"data.data_dir", "data.archive", "data.eval_split", "data.eval_batch_size",
                   "data.eval_batches", "data.val_split", "data.val_batches"}
@@ -146,6 +159,10 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _alters(key: str, fields: tuple[str, ...]) -> bool:
+  return any(key == f or key.startswith(f + ".") for f in fields)
+
+
 def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None:
   """Refuses to resume `phase` from `directory` if a field that alters its math changed."""
   old, new = flatten(saved), flatten(current)
@@ -164,7 +181,7 @@ def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None
       old.setdefault(key, new.get(key) if value is None else value)
   changed = []
   for key in sorted(set(old) | set(new)):
-    if key.split(".")[0] in PHASE_FIELDS[phase] and key not in _NON_MATH_DATA:
+    if _alters(key, PHASE_FIELDS[phase]) and key not in _NON_MATH_DATA:
       if old.get(key) != new.get(key):
         changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
   if changed:

@@ -230,7 +230,8 @@ class Transformer(nn.Module):
     With `cache` the L tokens fill its slots index .. index+L-1 and attend to every slot written
     so far (prefill a prompt, then decode one token per call), and the result comes back as
     (logits_BxLxV or hidden_BxLxD, updated cache). `positions_BxL` must then be given: only the
-    caller knows where each row's document started.
+    caller knows where each row's document started; RoPE reads them from a table of
+    max(C, max_len) positions (NaN past it).
 
     Longer than kdjax's usual function on purpose: this is the one place a reader checks the
     model's maths in order (embed, masks, layers scanned or unrolled, cache, head), and Linen

@@ -15,7 +15,8 @@ new_tokens_per_s and ms_per_token (medians of --steps runs after a compiling, wa
 kdjax/decode_speed.py). `--hf_peer` also times transformers' `generate` on the same weights and
 prompts (scripts/hf_generate_peer.py), its runs interleaved with kdjax's so that both see the
 same machine, and adds hf_new_tokens_per_s, hf_ms_per_token, ratio (kdjax / transformers new
-tokens per second) and tokens_equal (both produced the same tokens).
+tokens per second) and tokens_equal (both produced the same tokens). loadavg_1m is the machine's
+load after a batch's runs: with other work running, both sides slow down, torch's threads most.
 
 `--loss_table` times the distillation loss alone (no model): from final hidden states of a
 student (width --student_width) and a teacher (--teacher_width) over --loss_length tokens, value and
@@ -287,7 +288,8 @@ def generation_rows():
            "model": f"{cfg.family or 'llama'} V{cfg.vocab_size} D{cfg.d_model} S{cfg.num_layers} "
                     f"H{cfg.num_heads}/{cfg.num_kv_heads} F{cfg.mlp_dim}",
            "cpu": cpu_name(), **decode_speed.speed_row(times[0], batch, a),
-           "first_call_s": round(first_call_s[0], 2)}
+           "first_call_s": round(first_call_s[0], 2),
+           "loadavg_1m": round(os.getloadavg()[0], 2)}
     if peer is not None:
       hf_row = decode_speed.speed_row(times[1], batch, a)
       row.update({f"hf_{k}": v for k, v in hf_row.items()},

@@ -7,6 +7,8 @@ answer token) become a dataset that `data.train_files` reads (kdjax.answer_files
       --teacher_hf=path/to/hf_model                     # a Hugging Face model and its template
       [--max_new_tokens=256] [--temperature=0] [--top_k=0] [--top_p=1] [--num_samples=1]
       [--batch_size=64] [--record_topk=0] [--seed=0] [--process_index=I --process_count=N]
+  python scripts/teacher_answers.py --from_documents=8192 [--prompt_tokens=16] --temperature=1 \
+      --config=configs/X.py --workdir=runs/X [--out=runs/X/teacher_text]   # sequence-level data
 
 Needs kdjax installed: `pip install -e .` in the repo root.
 
@@ -25,6 +27,14 @@ manifest, when the dataset is complete. To train on it:
   --config.data.train_files=runs/answers/answers.jsonl
   --config.distill.teacher_cache=runs/answers --config.distill.cache_estimator=topk_residual
                                                         # with --record_topk: answers and logits
+
+With --from_documents=N instead of --prompts, the prompts are the first --prompt_tokens ids
+(after BOS) of N training documents of --config's data, drawn with config.seed, and each prompt
+with its continuation is stored as one text (sequence-level distillation, Kim & Rush 2016) in a
+teacher_text dataset that `--config.distill.sequence_data=OUT` trains on
+(kdjax.continuations.write_sequence_data). By default a prompt and its continuation fill
+config.data.seq_len tokens; OUT (default <workdir>/teacher_text) is never overwritten; one
+process.
 """
 
 from __future__ import annotations
@@ -62,6 +72,10 @@ _RECORD_TOPK = flags.DEFINE_integer("record_topk", 0, "Also record the teacher's
 _PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This process, 0..N-1; default JAX's.")
 _PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Processes sharing --out; default "
                                       "JAX's.")
+_FROM_DOCUMENTS = flags.DEFINE_integer("from_documents", 0, "Instead of --prompts: continue the "
+                                      "starts of this many training documents of --config.")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 16, "With --from_documents: document ids "
+                                      "per prompt (BOS comes on top).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar with tokens/s.")
 
 
@@ -106,11 +120,38 @@ def run(out: str, sampling: answers.Sampling, *, batch_size: int, record_topk: i
                             progress=progress)
 
 
+def from_documents(sampling: answers.Sampling) -> dict:
+  """--from_documents: sequence-level data from the starts of the config's training documents."""
+  from kdjax import continuations
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if config is None or not workdir or _TEACHER_HF.value or _PROMPTS.value:
+    raise app.UsageError("--from_documents needs --config and --workdir (the run whose teacher "
+                         "continues its documents), and takes no --prompts or --teacher_hf.")
+  if jax.process_count() > 1 or (_PROCESS_COUNT.value or 1) > 1:
+    raise app.UsageError("--from_documents runs on one process (it writes every text).")
+  if _RECORD_TOPK.value or sampling.num_samples != 1 or _PROMPT_TOKENS.value < 1:
+    raise app.UsageError("--from_documents takes --prompt_tokens >= 1, and no --record_topk or "
+                         "--num_samples.")
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  workdir = os.path.abspath(workdir)
+  # Unset, a prompt and its continuation fill one training row (config.data.seq_len).
+  max_new = sampling.max_new_tokens if flags.FLAGS["max_new_tokens"].present else None
+  return continuations.write_sequence_data(
+      config, workdir, os.path.abspath(_OUT.value or os.path.join(workdir, "teacher_text")),
+      num_prompts=_FROM_DOCUMENTS.value, prompt_tokens=_PROMPT_TOKENS.value,
+      max_new_tokens=max_new, temperature=sampling.temperature, top_k=sampling.top_k,
+      top_p=sampling.top_p, batch_size=_BATCH_SIZE.value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not _PROMPTS.value or not _OUT.value:
-    raise app.UsageError("--prompts and --out are required.")
+  documents = _FROM_DOCUMENTS.value
+  if documents < 0:
+    raise app.UsageError("--from_documents must be >= 1 (or 0: answer --prompts).")
+  if not documents and (not _PROMPTS.value or not _OUT.value):
+    raise app.UsageError("--prompts and --out are required (or --from_documents=N).")
   absl_logging.set_verbosity(absl_logging.ERROR)
   sampling = answers.Sampling(max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                               top_k=_TOP_K.value, top_p=_TOP_P.value,
@@ -126,12 +167,17 @@ def main(argv):
     raise app.UsageError(f"--process_index={index} is not in [0, --process_count={count}).")
   try:
     with contextlib.redirect_stdout(sys.stderr):  # stdout is this script's one JSON line
-      manifest = run(os.path.abspath(_OUT.value), sampling, batch_size=_BATCH_SIZE.value,
-                     record_topk=_RECORD_TOPK.value, process_index=index, process_count=count,
-                     progress=_PROGRESS.value)
+      if documents:
+        summary = from_documents(sampling)
+      else:
+        manifest = run(os.path.abspath(_OUT.value), sampling, batch_size=_BATCH_SIZE.value,
+                       record_topk=_RECORD_TOPK.value, process_index=index, process_count=count,
+                       progress=_PROGRESS.value)
   except (config_check.ConfigError, records.DataError, ValueError, FileNotFoundError) as e:
     cli.fail(cli.one_line(e), prog="teacher_answers")
-  if manifest is None:
+  if documents:
+    print(json.dumps(summary))
+  elif manifest is None:
     print(f"teacher_answers: process {index} of {count} done; answers.jsonl is written when "
           "every process has finished.", file=sys.stderr)
   else:

@@ -29,7 +29,9 @@ def pytest_collection_finish(session):
   """Starts a module's slow background worker (a module-level `WORKER` with `start` and `stop`,
   used through a fixture named `worker`) as soon as the tests to run are known, so that it runs
   beside the tests collected before that module's instead of after them."""
-  if session.config.option.collectonly:
+  if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under xdist every worker collects every test but runs only its share: a module's worker
+    # is then started by its fixture (Background.wait), in the one process that runs it.
     return
   for item in session.items:
     background = getattr(getattr(item, "module", None), "WORKER", None)

@@ -153,6 +153,36 @@ def test_teacher_checkpoint_is_never_modified(smoke_run, smoke_config, tmp_path)
   assert not os.path.exists(os.path.join(str(tmp_path), "teacher"))
 
 
+def test_teacher_answers_from_documents_writes_sequence_data_once(smoke_run, smoke_config,
+                                                                  tmp_path):
+  """scripts/teacher_answers.py --from_documents: the run's teacher continues the starts of
+  training documents into a teacher_text dataset for distill.sequence_data; an existing --out is
+  refused in one line and left as it was."""
+  from kdjax import teacher_cache
+  from kdjax.data import teacher_text
+  workdir, _ = smoke_run
+  out = str(tmp_path / "seq")
+  cmd = [sys.executable, "scripts/teacher_answers.py", "--from_documents=4", "--prompt_tokens=3",
+         "--temperature=0", "--max_new_tokens=5", "--config=configs/shakespeare.py:smoke",
+         f"--config.data.data_dir={smoke_config.data.data_dir}",
+         f"--config.data.archive={smoke_config.data.archive}", f"--workdir={workdir}",
+         f"--out={out}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert summary["examples"] == 4 and 0 < summary["new_tokens"] <= 4 * 5
+  texts = [r["text"] for r in teacher_text.load_source(out)]
+  assert len(texts) == 4 and all(texts)
+  metadata = teacher_text.read_metadata(out)["metadata"]
+  assert metadata["generation"]["temperature"] == 0.0
+  assert metadata["teacher"] == teacher_cache.teacher_fingerprint(smoke_config, workdir)
+  before = _tree_hash(out)
+  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+  assert again.returncode != 0 and "exists" in again.stderr.strip().splitlines()[-1]
+  assert _tree_hash(out) == before
+
+
 def _cli(workdir, *overrides):
   # A data dir with no corpus and no network: bad input must be refused before data is touched.
   cmd = [sys.executable, "-m", "kdjax.main", "--config=configs/shakespeare.py:smoke",

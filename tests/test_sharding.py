@@ -100,12 +100,14 @@ def test_params_and_optimizer_state_are_sharded_as_the_rules_say(worker):
   assert layouts["8x1x1"][f"{K}['mlp']['gate']['kernel']"]["shard_shape"] == [2, 32, 64]
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_activation_constraints_bind_in_every_mesh(worker):
   _, layouts = worker
   for mesh in MESHES:
     assert layouts[mesh]["_constraints"] > 0, mesh
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_teacher_sharded_and_stored_by_its_own_rules(worker):
   arrays, layouts = worker
   f32, bf16 = layouts["teacher_fsdp_f32"], layouts["teacher_fsdp_bf16"]

@@ -46,6 +46,35 @@ def test_bad_task_settings_are_refused_in_one_line(tmp_path):
     task.preflight(config, str(tmp_path / "w"))
 
 
+def test_a_changed_setting_refuses_to_resume_exactly_the_phases_it_alters(tmp_path):
+  """A task run resumed with other settings: each phase whose math the change alters is refused
+  in one line naming the field; the others resume; scoring settings alter no phase."""
+  from kdjax import config_check
+  saved = json.loads(_config(tmp_path).to_json())
+  changes = {  # field -> the phases it alters
+      ("student_train", "learning_rate"): set(task.STUDENTS),
+      ("teacher_train", "steps"): {"teacher", "seq", "logits", "mixed"},
+      ("task", "record_topk"): {"logits", "mixed"},
+      ("task", "mix_weight"): {"mixed"},
+      ("distill", "alpha"): {"logits", "mixed"},
+      ("task_data", "seed"): {"teacher", *task.STUDENTS},
+      ("task", "speed_runs"): set(),
+      ("task", "extractor"): set(),
+  }
+  for (section, field), altered in changes.items():
+    current = json.loads(json.dumps(saved))
+    value = current[section][field]
+    current[section][field] = value + 1 if isinstance(value, (int, float)) else value + "x"
+    refused = set()
+    for phase in ("teacher",) + task.STUDENTS:
+      try:
+        config_check.check_resume(saved, current, phase, f"w/{phase}")
+      except ConfigError as e:
+        assert f"{section}.{field}" in str(e) and "\n" not in str(e)
+        refused.add(phase)
+    assert refused == altered, (section, field)
+
+
 @pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_smoke_run_writes_the_summary_speed_and_predictions_and_eval_repeats_it(tmp_path,
                                                                               capsys):

@@ -213,10 +213,10 @@ def test_an_existing_directory_is_refused_and_left_unchanged(tmp_path, stored):
 
 
 def test_a_missing_or_unreadable_dataset_says_how_to_build_one(tmp_path):
-  with pytest.raises(FileNotFoundError, match='teacher_sequences.py'):
+  with pytest.raises(FileNotFoundError, match='teacher_answers.py --from_documents'):
     teacher_text.load_source(str(tmp_path / 'nothing'))
   (tmp_path / 'broken').mkdir()
   (tmp_path / 'broken' / teacher_text.METADATA_FILE).write_text(
       json.dumps({'format': teacher_text.FORMAT, 'tfds_dir': 'teacher_text/1.0.0'}))
-  with pytest.raises(FileNotFoundError, match='teacher_sequences.py'):
+  with pytest.raises(FileNotFoundError, match='teacher_answers.py --from_documents'):
     teacher_text.load_source(str(tmp_path / 'broken'))

@@ -59,6 +59,7 @@ def _setup(mesh, tc, teacher=True, accum=1, distill=DISTILL):
   return state, shardings, step
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_teacher_gradient_is_exactly_zero(teacher_params, mesh):
   state, _, step = _setup(mesh, _train_cfg())
   batch = _batch()
@@ -143,6 +144,7 @@ def test_jit_equals_eager(teacher_params, mesh):
                a.params, b.params)
 
 
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
 def test_alpha_zero_equals_plain_cross_entropy(teacher_params, mesh):
   batch = _batch(4)
   ce_only = dataclasses.replace(DISTILL, alpha=0.0)

@@ -41,7 +41,7 @@ from kdjax.data.tokenizer import TextTokenizer
 METADATA_FILE = 'kdjax_teacher_text.json'
 FORMAT = 'kdjax_teacher_text/1'
 _VERSION = '1.0.0'
-_HOW_TO_BUILD = 'run scripts/teacher_sequences.py to generate it'
+_HOW_TO_BUILD = 'run scripts/teacher_answers.py --from_documents to generate it'
 
 
 # ------------------------------------------------------------------------------------ prompts

@@ -5,6 +5,7 @@ A test module exposes one as a module-level `WORKER` and uses it through a fixtu
 idle, and the fixture only waits for it (see conftest.pytest_collection_finish).
 """
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ class Background:
     self.log = open(os.path.join(self.dir, "stderr.txt"), "w+")
     self.proc = subprocess.Popen(argv, env=env, cwd=self.cwd, stdout=subprocess.DEVNULL,
                                  stderr=self.log)
+    atexit.register(self.stop)  # however the session ends (under xdist, no sessionfinish stop)
 
   def wait(self, timeout: int = 600) -> str:
     """Waits for the process (starting it if needed); its folder, or AssertionError with the
