@@ -24,8 +24,8 @@ MODES = ("experiment", "teacher", "distill", "scratch", "eval")
 
 # The config groups whose values decide what a phase computes. A phase resumes only if these are
 # unchanged; everything else (logging, checkpoint cadence, eval and sampling settings, the mesh,
-# where the data lives) may change between runs.
-# The config fields that alter each phase's math: a top-level section, or one field of it.
+# where the data lives) may change between runs. An entry is a top-level group or one field of
+# one ("task.mix_weight").
 _TEACHER_SOURCE = ("teacher", "teacher_train", "teacher_checkpoint", "teacher_hf")
 # A task run (kdjax.task): its data is generated from task_data or read from task.*_files, its
 # students learn the teacher's answers (seq), their recorded log-probs (logits) and a labelled
