@@ -101,6 +101,10 @@ def get_config(arg=None):
   config.teacher_checkpoint = ""
   config.teacher_hf = ""
   config.student_init = ""
+  # A quantized or LoRA student (kdjax.model.QuantConfig / LoraConfig, through Qwix), both off:
+  # --config.student_quant.weight=int4 trains with fake-quantized int4 weights and evaluates the
+  # really quantized model; --config.student_lora.rank=8 trains adapters on config.student_init.
+  settings.student_sections(config)
 
   # The loss (settings.DistillSettings): forward KL at T = 1, alpha = 0.5; feature terms,
   # schedules, a teacher cache, on-policy and sequence-level data are all off by default, e.g.

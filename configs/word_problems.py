@@ -78,7 +78,8 @@ def get_config(arg=None):
   # How runs start, are placed, checkpointed and logged: as in the Shakespeare experiment
   # (configs/shakespeare.py says what each field does).
   base = shakespeare.get_config()
-  for key in ("teacher_checkpoint", "teacher_hf", "student_init", "frozen_teacher", "mesh",
+  for key in ("teacher_checkpoint", "teacher_hf", "student_init", "student_quant",
+              "student_lora", "frozen_teacher", "mesh",
               "sharding_rules", "target", "checkpoint_every", "keep_checkpoints",
               "nonfinite_patience", "progress_bar", "wandb"):
     config[key] = base[key]

@@ -34,8 +34,8 @@ from typing import Any
 
 import jax
 
-from kdjax import config_check, evaluate, experiment, inputs, plots, preflight, sharding
-from kdjax.model import ModelConfig
+from kdjax import (config_check, evaluate, experiment, inputs, lora, plots, preflight, settings,
+                   sharding)
 from kdjax.report import COLUMNS, write_json, write_results
 from kdjax.settings import ModelSources
 
@@ -179,12 +179,12 @@ class Runner:
     if self._teacher is None:
       self._teacher = experiment.load_teacher(c, directory, self.mesh, self.rules)
     teacher = self._teacher
-    s_cfg = ModelConfig.from_dict(c.student)
+    s_cfg = settings.student_model(c)
     metrics = evaluate.evaluate(s_cfg, trained.params, teacher.cfg, teacher.params,
                                 data.eval_batches,
                                 evaluate.Placement(self.mesh, self.rules, teacher.rules))
     row = {k: metrics[k] for k in COLUMNS if k in metrics}
-    row.update(params=sum(x.size for x in jax.tree.leaves(trained.params)),
+    row.update(params=sum(x.size for x in jax.tree.leaves(lora.merged(s_cfg, trained.params))),
                train_tokens=int(c.student_train.steps) * data.tokens_per_step,
                seconds=round(time.time() - start, 1))
     if jax.process_index() == 0:

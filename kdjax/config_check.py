@@ -14,10 +14,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kdjax import losses, schedules, sharding
+from kdjax import losses, qwix_model, schedules, sharding
 from kdjax.data import records, sources
-from kdjax.model import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, ModelConfig
-from kdjax.settings import FrozenTeacher, TrainSettings, distill_fields
+from kdjax.model import (ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, LoraConfig,
+                         ModelConfig, QuantConfig)
+from kdjax.settings import FrozenTeacher, TrainSettings, distill_fields, student_model
 from kdjax.teacher_cache import estimators as cache_estimators
 
 MODES = ("experiment", "teacher", "distill", "scratch", "eval")
@@ -31,15 +32,15 @@ _TEACHER_SOURCE = ("teacher", "teacher_train", "teacher_checkpoint", "teacher_hf
 # students learn the teacher's answers (seq), their recorded log-probs (logits) and a labelled
 # mix (mixed); scoring and speed settings (extractor, marker, speed_*) alter no phase.
 _TASK_DATA = ("task_data", "task.generate", "task.val_files")
-_TASK_STUDENT = ("seed", "data", "student", "student_train", "student_init", *_TASK_DATA,
+_STUDENT = ("student", "student_quant", "student_lora", "student_train", "student_init")
+_TASK_STUDENT = ("seed", "data", *_STUDENT, *_TASK_DATA,
                  "task.labelled_files")
 _TASK_ANSWERS = (*_TASK_STUDENT, *_TEACHER_SOURCE, "frozen_teacher", "task.teacher_files",
                  "task.prompt_files", "task.max_new_tokens", "task.answer_batch_size")
 PHASE_FIELDS = {
     "teacher": ("seed", "data", "teacher", "teacher_train", *_TASK_DATA, "task.teacher_files"),
-    "distilled": ("seed", "data", "student", "student_train", "distill", *_TEACHER_SOURCE,
-                  "frozen_teacher", "student_init"),
-    "scratch": ("seed", "data", "student", "student_train", "student_init"),
+    "distilled": ("seed", "data", *_STUDENT, "distill", *_TEACHER_SOURCE, "frozen_teacher"),
+    "scratch": ("seed", "data", *_STUDENT),
     "labelled": _TASK_STUDENT,
     "seq": _TASK_ANSWERS,
     "logits": (*_TASK_ANSWERS, "distill", "task.record_topk"),
@@ -169,9 +170,13 @@ def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None
   for section in ("teacher", "student"):  # runs saved before a model field existed had its default
     if section in saved:
       for f in dataclasses.fields(ModelConfig):
-        old.setdefault(f"{section}.{f.name}", f.default)
+        if f.name not in ("quant", "lora"):  # sections of their own (student_quant, _lora)
+          old.setdefault(f"{section}.{f.name}", f.default)
   for key in ("teacher_hf", "student_init"):
     old.setdefault(key, "")
+  for name, cls in (("student_quant", QuantConfig), ("student_lora", LoraConfig)):
+    for f in dataclasses.fields(cls):  # runs saved before these sections existed: both off
+      old.setdefault(f"{name}.{f.name}", f.default)
   if "data" in saved:
     for key, value in _DATA_DEFAULTS.items():
       old.setdefault(key, value)
@@ -385,6 +390,10 @@ def check_config(config: Any, num_devices: int, num_processes: int = 1) -> None:
   _check_loss(d)
   teacher = check_model(config.teacher, "teacher")
   student = check_model(config.student, "student")
+  try:
+    qwix_model.check(student_model(config))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _check_features(d, teacher, student)
   _check_schedules(d)
   _check_teacher_sources(d, config.data.seq_len)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import losses, sharding
+from kdjax import lora, losses, quantize, qwix_model, sharding
 from kdjax.model import ModelConfig, Transformer
 
 METRICS = ("loss", "accuracy", "top1_agreement", "top5_agreement", "kl_to_teacher")
@@ -65,10 +65,25 @@ def _apply(model, params, batch, rules):
                        batch["positions"])
 
 
+def evaluated_model(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+  """(cfg, params) as evaluation runs them: a quantized student's params really quantized
+  (kdjax.quantize; int8/int4 kernels), a LoRA student's adapters merged; others as given."""
+  if cfg.quant.weight:
+    return quantize.quantize(cfg, params)
+  if cfg.lora.rank:
+    return cfg.plain, lora.merged(cfg, params)
+  return cfg, params
+
+
+def _module(cfg: ModelConfig):
+  return qwix_model.build_ptq(cfg) if cfg.quant.weight else Transformer(cfg)
+
+
 @functools.lru_cache(maxsize=8)
 def make_eval_step(cfg: ModelConfig, t_cfg: ModelConfig, rules=None, t_rules=None):
-  """One compiled eval step per (model, teacher, rules), reused across calls."""
-  model, t_model = Transformer(cfg), Transformer(t_cfg)
+  """One compiled eval step per (model, teacher, rules), reused across calls; `cfg` and its
+  params as `evaluated_model` gives them."""
+  model, t_model = _module(cfg), Transformer(t_cfg)
 
   @jax.jit
   def eval_step(params, t_params, batch):
@@ -117,7 +132,7 @@ def expected_calibration_error(count_I, conf_I, correct_I) -> float:
 
 @functools.lru_cache(maxsize=8)
 def _loss_sums(cfg: ModelConfig, rules=None):
-  model = Transformer(cfg)
+  model = _module(cfg)
 
   @jax.jit
   def loss_sums(params, batch):
@@ -131,6 +146,7 @@ def _loss_sums(cfg: ModelConfig, rules=None):
 def held_out_loss(cfg: ModelConfig, params: Any, batches: Sequence[dict[str, np.ndarray]],
                   placement: Placement | None = None) -> float:
   """Token-weighted mean cross-entropy over `batches` (no teacher needed)."""
+  cfg, params = evaluated_model(cfg, params)
   loss_sums = _loss_sums(cfg, placement and placement.rules)
   total, tokens = 0.0, 0.0
   for batch in batches:
@@ -143,7 +159,9 @@ def held_out_loss(cfg: ModelConfig, params: Any, batches: Sequence[dict[str, np.
 def evaluate(cfg: ModelConfig, params: Any, t_cfg: ModelConfig, t_params: Any,
              batches: Sequence[dict[str, np.ndarray]],
              placement: Placement | None = None) -> dict[str, float]:
-  """Token-weighted means over `batches`, plus `ppl` = exp(loss) and `tokens`."""
+  """Token-weighted means over `batches`, plus `ppl` = exp(loss) and `tokens`; a quantized
+  student is evaluated really quantized, a LoRA student merged (`evaluated_model`)."""
+  cfg, params = evaluated_model(cfg, params)
   eval_step = make_eval_step(cfg, t_cfg, placement and placement.rules,
                              placement and placement.t_rules)
   sums = {k: 0.0 for k in METRICS}
@@ -162,4 +180,5 @@ def evaluate(cfg: ModelConfig, params: Any, t_cfg: ModelConfig, t_params: Any,
   out["ece"] = expected_calibration_error(bins["ece_count"], bins["ece_conf"],
                                           bins["ece_correct"])
   out["tokens"] = tokens
+  out["weight_bytes"] = quantize.weight_bytes(params)  # as evaluated: int4 counts half a byte
   return out

@@ -19,7 +19,8 @@ from typing import Any
 
 import jax
 
-from kdjax import checkpoint, evaluate, hf, loop, preflight, sample, sharding, teacher_cache
+from kdjax import (checkpoint, evaluate, hf, lora, loop, preflight, sample, settings, sharding,
+                   teacher_cache)
 from kdjax.data import teacher_text
 from kdjax.inputs import Data, prepare_data
 from kdjax.model import ModelConfig
@@ -27,7 +28,7 @@ from kdjax.preflight import PHASES
 from kdjax.report import write_summary
 from kdjax.settings import (DistillSettings, FrozenTeacher, ModelSources,
                             TeacherSources, TrainSettings)
-from kdjax.state import abstract_params, param_shardings
+from kdjax.state import abstract_params, lora_seed_base, param_shardings, trained_params_like
 
 
 def phase_kwargs(config: Any) -> dict:
@@ -47,6 +48,20 @@ def load_params(cfg: ModelConfig, directory: str, mesh, rules):
   like = abstract_params(cfg)
   params, _ = checkpoint.load_params(directory, like, shardings)
   return params, shardings
+
+
+def load_student(config: Any, directory: str, mesh, rules, step: int | None = None) -> Any:
+  """A student phase's trained params from its checkpoints (the latest, or `step`), read-only;
+  a LoRA student's adapters come with its frozen base (config.student_init, or the seed's)."""
+  s_cfg = settings.student_model(config)
+  like, shardings = trained_params_like(s_cfg, mesh, rules)
+  params, _ = checkpoint.load_params(directory, like, shardings, step)
+  if not s_cfg.lora.rank:
+    return params
+  init = ModelSources.from_config(config).student_init
+  base = (hf.load_params(init, s_cfg, mesh, rules) if init
+          else lora_seed_base(s_cfg, config.seed + 1, mesh, rules))
+  return lora.combine(base, params)
 
 
 def frozen_teacher_settings(config: Any, rules) -> tuple[ModelConfig, sharding.Rules]:
@@ -84,7 +99,7 @@ def run_experiment_phase(config: Any, workdir: str, phase: str, data: Data, mesh
                   train_cfg=TrainSettings.from_config(config.teacher_train), seed=config.seed,
                   make_train_iter=lambda: data.make_train_iter(config.seed), **common)
   # Both students: the same init seed and the same batches.
-  s_cfg = ModelConfig.from_dict(config.student)
+  s_cfg = settings.student_model(config)
   init = ModelSources.from_config(config).student_init
   student = dict(model_cfg=s_cfg, train_cfg=TrainSettings.from_config(config.student_train),
                  seed=config.seed + 1,
@@ -138,13 +153,13 @@ def evaluate_phases(config: Any, workdir: str, data: Data, teacher: loop.Teacher
                     params: dict[str, Any], mesh, rules) -> dict[str, dict[str, float]]:
   """Held-out metrics of every model against the teacher; process 0 writes summary.json
   atomically (every process computes it: evaluation is one data-parallel program)."""
-  s_cfg = ModelConfig.from_dict(config.student)
+  s_cfg = settings.student_model(config)
   summary, texts = {}, {}
   for phase, p in params.items():
     cfg, model_rules = (teacher.cfg, teacher.rules) if phase == "teacher" else (s_cfg, rules)
     placement = evaluate.Placement(mesh, model_rules, teacher.rules)
     metrics = evaluate.evaluate(cfg, p, teacher.cfg, teacher.params, data.eval_batches, placement)
-    metrics["params"] = sum(x.size for x in jax.tree.leaves(p))
+    metrics["params"] = sum(x.size for x in jax.tree.leaves(lora.merged(cfg, p)))
     summary[phase] = metrics
     texts[phase] = samples(config, cfg, p, data.tokenizer, mesh)
   if jax.process_index() == 0:
@@ -188,5 +203,7 @@ def run(config: Any, workdir: str, phases: tuple[str, ...] | None = None,
 
 
 def _load_phase_params(config, workdir, phase, mesh, rules):
-  cfg = ModelConfig.from_dict(config.teacher if phase == "teacher" else config.student)
-  return load_params(cfg, os.path.join(workdir, phase, "checkpoints"), mesh, rules)[0]
+  directory = os.path.join(workdir, phase, "checkpoints")
+  if phase == "teacher":
+    return load_params(ModelConfig.from_dict(config.teacher), directory, mesh, rules)[0]
+  return load_student(config, directory, mesh, rules)

@@ -20,7 +20,7 @@ from kdjax import checkpoint, optim, sharding, train
 from kdjax.metric_log import MetricLog
 from kdjax.model import ModelConfig
 from kdjax.settings import DistillSettings
-from kdjax.state import abstract_train_state, create_train_state
+from kdjax.state import abstract_train_state, create_train_state, lora_seed_base
 
 
 @dataclasses.dataclass
@@ -133,15 +133,27 @@ def _restore_or_init(spec: PhaseSpec, tx, distill, ckpts: checkpoint.PhaseCheckp
   if ckpts.latest_step() is not None:
     like, shardings = abstract_train_state(spec.model_cfg, tx, spec.seed, spec.mesh, spec.rules,
                                            t_cfg=t_cfg, distill=distill)
-    restored = ckpts.restore_latest_valid(like, shardings)
+    # A LoRA student's frozen base is not in its checkpoints (kdjax.lora).
+    restored = ckpts.restore_latest_valid(like.replace(frozen_params=None),
+                                          shardings.replace(frozen_params=None))
   if restored is not None:
     start, state, data_state = restored
+    if spec.model_cfg.lora.rank:
+      state = state.replace(frozen_params=_lora_base(spec))
     return start, state, shardings, data_state
   state, shardings = create_train_state(spec.model_cfg, tx, spec.seed, spec.mesh, spec.rules,
                                         t_cfg=t_cfg, distill=distill)
-  if spec.init_params is not None:
-    state = state.replace(params=spec.init_params())
+  if spec.init_params is not None:  # a LoRA student's init is its frozen base
+    state = state.replace(**{"frozen_params" if spec.model_cfg.lora.rank else "params":
+                             spec.init_params()})
   return 0, state, shardings, None
+
+
+def _lora_base(spec: PhaseSpec):
+  """A LoRA student's frozen base, as it was at step 0: `init_params()`, or the seed's init."""
+  if spec.init_params is not None:
+    return spec.init_params()
+  return lora_seed_base(spec.model_cfg, spec.seed, spec.mesh, spec.rules)
 
 
 def train_phase(spec: PhaseSpec) -> PhaseResult:
@@ -171,7 +183,7 @@ def train_phase(spec: PhaseSpec) -> PhaseResult:
       print(f"{phase}: resuming from step {start}", file=sys.stderr)
   if start >= total:
     ckpts.close()
-    return PhaseResult(state.params, start, 0)
+    return PhaseResult(model_params(state), start, 0)
   step_fn = train.jit_train_step(
       train.make_train_step(spec.model_cfg, tx, schedule, t_cfg=teacher and teacher.cfg,
                             distill=distill,
@@ -189,7 +201,12 @@ def train_phase(spec: PhaseSpec) -> PhaseResult:
     ckpts.wait()
     ckpts.close()
     log.close()
-  return PhaseResult(state.params, total, total - start)
+  return PhaseResult(model_params(state), total, total - start)
+
+
+def model_params(state) -> Any:
+  """The params the student's model reads: a LoRA student's adapters with its frozen base."""
+  return train.model_params(state.params, state.frozen_params)
 
 
 def _run_steps(spec: PhaseSpec, step_fn, state, data_iter, ckpts, log, start: int, total: int):
@@ -228,7 +245,7 @@ def _run_steps(spec: PhaseSpec, step_fn, state, data_iter, ckpts, log, start: in
       if step % spec.checkpoint_every == 0 or step == total or stop:
         # The iterator state is taken after this step's batch, so a resume continues after it.
         if spec.val_loss_fn is not None and not stop:
-          val_losses[step] = spec.val_loss_fn(state.params)
+          val_losses[step] = spec.val_loss_fn(model_params(state))
         ckpts.save(step, state, data_iter.get_state(), spec.config_dict, val_losses.get(step))
         last_saved = step
       if stop:

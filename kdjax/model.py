@@ -46,6 +46,33 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")  # gelu is the tanh approximat
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 REMAT_POLICIES = ("none", "full", "dots")
+# Every dense layer of the blocks (attention q/k/v/out, MLP gate/up/down), scanned or unrolled;
+# not the embedding, whose tied unembedding and lookup Qwix cannot quantize consistently.
+DENSE_LAYERS = r"(layers|layer_\d+)/(attn/(query|key|value|out)|mlp/(gate|up|down))"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """config.student_quant: a student trained with fake-quantized weights (Qwix QAT, kdjax.qwix_model)
+  and evaluated with really quantized ones (Qwix PTQ of the final params, kdjax.quantize)."""
+
+  weight: str = ""  # 'int8' or 'int4'; '' = off
+  act: str = ""  # '' (weights only) or 'int8'
+  tile_size: int = 0  # 0 = one scale per output channel; else per tile of the contracted axis
+  modules: str = DENSE_LAYERS  # regex, fully matched against Linen module paths
+  # Quantization delay: steps before this one train the float weights (kdjax.train); 0 = QAT
+  # from the first step.
+  start_step: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """config.student_lora: only low-rank adapters are trained (Qwix LoRA, kdjax.lora); output =
+  base + (x A) B * alpha / rank, B initialised at zero."""
+
+  rank: int = 0  # 0 = off
+  alpha: float = 16.0
+  modules: str = DENSE_LAYERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +115,9 @@ class ModelConfig:
   rope_original_max_len: int = 8192
   position_embedding: str = "rope"  # 'rope', or 'learned' (GPT-2; max_len rows)
   family: str = ""  # the Hugging Face model_type it came from and exports as; '' = llama
+  # Qwix interception of a student (kdjax.qwix_model); off by default, never on a teacher.
+  quant: QuantConfig = QuantConfig()
+  lora: LoraConfig = LoraConfig()
 
   @property
   def head_size(self) -> int:
@@ -99,7 +129,14 @@ class ModelConfig:
     """Builds from a dict or ConfigDict, ignoring keys that are not model fields."""
     d = dict(d)
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    nested = {"quant": QuantConfig, "lora": LoraConfig}
+    return cls(**{k: nested[k](**dict(v)) if k in nested and not isinstance(v, nested[k]) else v
+                  for k, v in d.items() if k in names})
+
+  @property
+  def plain(self) -> "ModelConfig":
+    """The same decoder without Qwix interception (a LoRA student's merged weights run here)."""
+    return dataclasses.replace(self, quant=QuantConfig(), lora=LoraConfig())
 
   def is_local(self, layer: int) -> bool:
     """Whether `layer` attends within `sliding_window` only (Gemma 2: layers 0, 2, 4, ...)."""
@@ -345,15 +382,22 @@ def decode_params(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
   batch of rows, as torch.nn.Linear keeps it. The stored params keep their tree and the model
   computes the same from either: this view is made per call, one copy of the weights.
   """
+  cfg, params = unstack_layers(cfg, params)
+  if not cfg.tie_embeddings:
+    params["unembed_VxD"] = params.pop("unembed")["kernel"].T.astype(jnp.dtype(cfg.dtype))
+  return cfg, params
+
+
+def unstack_layers(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+  """(cfg, params) with the layers unrolled: scanned 'layers' params, stacked S first, become
+  'layer_0' .. 'layer_{S-1}' as `scan_layers=False` names them (same maths; no-op if unrolled)."""
   params = dict(params)
   if cfg.scan_layers:
     stacked = params.pop("layers")
     for i in range(cfg.num_layers):
       params[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    # Remat only matters under differentiation, which decoding never is.
+    # Remat only matters under differentiation, which no caller of this is.
     cfg = dataclasses.replace(cfg, scan_layers=False, remat_policy="none")
-  if not cfg.tie_embeddings:
-    params["unembed_VxD"] = params.pop("unembed")["kernel"].T.astype(jnp.dtype(cfg.dtype))
   return cfg, params
 
 

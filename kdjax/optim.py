@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 # Leaf names of the parameters that weight decay applies to (see the module docstring).
-DECAYED_LEAVES = ("kernel", "embedding")
+DECAYED_LEAVES = ("kernel", "embedding", "kernel_lora_a", "kernel_lora_b")
 
 
 def decay_mask(params: Any) -> Any:

@@ -29,7 +29,8 @@ from kdjax.settings import ModelSources, TeacherSources
 
 PHASES = ("teacher", "distilled", "scratch")
 # Fields that placement and numerics may change freely: the rest decide a model's math.
-_FREE_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "family")
+_FREE_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "family", "quant",
+                      "lora")
 
 
 def preflight(config: Any, workdir: str, phases: tuple[str, ...] | None = None, *,
@@ -66,12 +67,17 @@ def phases_to_run(config: Any) -> tuple[str, ...]:
 
 
 def check_resumable(config: Any, workdir: str, phases: tuple[str, ...]) -> None:
-  """Raises ConfigError if a phase would resume a run made with different math settings."""
+  """Raises ConfigError if a phase would resume a run made with different math settings.
+
+  In 'eval' mode nothing trains: config.student_quant may then differ from the run's, which
+  evaluates its float params really quantized (PTQ), or a QAT student's unquantized."""
   current = json.loads(config.to_json())
   for phase in phases:
     directory = os.path.join(workdir, phase, "checkpoints")
     saved = checkpoint.saved_config(directory)
     if saved is not None:
+      if config.mode == "eval" and "student_quant" in current:
+        saved = dict(saved, student_quant=current["student_quant"])
       config_check.check_resume(saved, current, phase, os.path.join(workdir, phase))
 
 

@@ -32,10 +32,11 @@ def write_json(path: str, value: Any) -> None:
 def format_table(summary: dict[str, dict[str, float]]) -> str:
   """One line per model of the experiment's summary (experiment.evaluate_phases)."""
   lines = [f"{'model':<10} {'params':>9} {'ppl':>9} {'top1_agree':>10} {'top5_agree':>10} "
-           f"{'kl_to_teacher':>13} {'ece':>7}"]
+           f"{'kl_to_teacher':>13} {'ece':>7} {'weight_bytes':>12}"]
   for name, m in summary.items():
     lines.append(f"{name:<10} {m['params']:>9,d} {m['ppl']:>9.2f} {m['top1_agreement']:>10.4f} "
-                 f"{m['top5_agreement']:>10.4f} {m['kl_to_teacher']:>13.4f} {m['ece']:>7.4f}")
+                 f"{m['top5_agreement']:>10.4f} {m['kl_to_teacher']:>13.4f} {m['ece']:>7.4f} "
+                 f"{int(m.get('weight_bytes', 0)):>12,d}")
   return "\n".join(lines)
 
 

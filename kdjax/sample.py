@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import sharding
+from kdjax import quantize, sharding
 from kdjax.data.tokenizer import TextTokenizer
 from kdjax.teacher_cache.writer import compute_targets as teacher_cache_targets
 from kdjax.model import KVCache, ModelConfig, Transformer, decode_params
@@ -153,7 +153,8 @@ def decode(params, prompt_BxP: jax.Array, prompt_lengths_B: jax.Array, key: jax.
   """
   if max_new_tokens == 0:
     return prompt_BxP
-  cfg, params = decode_params(cfg, params)
+  # A quantized student decodes its dequantized weights, a LoRA student its merged ones.
+  cfg, params = decode_params(*quantize.float_view(cfg, params))
   model = Transformer(cfg)
   b, p = prompt_BxP.shape
   pick = functools.partial(_next_token, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from kdjax import schedules
-from kdjax.model import ModelConfig
+from kdjax.model import LoraConfig, ModelConfig, QuantConfig
 
 
 def config_section(cls: type, **values: Any) -> ml_collections.ConfigDict:
@@ -34,9 +34,33 @@ def config_section(cls: type, **values: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**defaults, **values})
 
 
+# ModelConfig fields that are sections of their own (config.student_quant, config.student_lora).
+_NESTED = {"quant": QuantConfig, "lora": LoraConfig}
+
+
 def model_section(**values: Any) -> ml_collections.ConfigDict:
-  """config.teacher / config.student: kdjax.model.ModelConfig's defaults, then `values`."""
-  return config_section(ModelConfig, **values)
+  """config.teacher / config.student: kdjax.model.ModelConfig's defaults, then `values`;
+  quantization and LoRA are config.student_quant / config.student_lora (`student_sections`)."""
+  section = config_section(ModelConfig, **values)
+  for name in _NESTED:
+    del section[name]
+  return section
+
+
+def student_sections(config: ml_collections.ConfigDict) -> None:
+  """Adds config.student_quant (QuantConfig) and config.student_lora (LoraConfig), both off, so
+  that `--config.student_quant.weight=int4` or `--config.student_lora.rank=8` can turn them on."""
+  config.student_quant = config_section(QuantConfig)
+  config.student_lora = config_section(LoraConfig)
+
+
+def student_model(config: Any) -> ModelConfig:
+  """The student's ModelConfig: config.student with config.student_quant and student_lora (a
+  config without those sections gets a plain student)."""
+  cfg = ModelConfig.from_dict(config.student)
+  return dataclasses.replace(cfg, **{
+      name: cls(**_present(cls, config[f"student_{name}"]))
+      for name, cls in _NESTED.items() if f"student_{name}" in config})
 
 
 def _present(cls: type, d: Any) -> dict[str, Any]:

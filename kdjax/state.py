@@ -16,7 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from kdjax import features, sharding
+from kdjax import features, lora, qwix_model, sharding
 from kdjax.model import ModelConfig, Transformer
 
 
@@ -33,6 +33,9 @@ class TrainState:
   # Trained state that is not the model: {'projection': ...} of feature distillation when widths
   # differ (kdjax.features), else None. Optimized with the params; never exported or evaluated.
   aux_params: Any = None
+  # A LoRA student's frozen base (kdjax.lora): read by the model, never differentiated, updated
+  # or checkpointed (params then holds the adapters alone). None for every other model.
+  frozen_params: Any = None
 
   @property
   def trainable(self) -> Any:
@@ -57,6 +60,23 @@ def init_params(model_cfg: ModelConfig, rng: jax.Array, mesh, rules) -> Any:
   return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
 
 
+def lora_seed_base(model_cfg: ModelConfig, seed: int, mesh, rules) -> Any:
+  """A LoRA student's frozen base when it has no init of its own: the plain model's params from
+  `seed`, the base that create_train_state's init made."""
+  return init_params(model_cfg.plain, jax.random.key(seed), mesh, rules)
+
+
+def trained_params_like(model_cfg: ModelConfig, mesh, rules) -> tuple[Any, Any]:
+  """(abstract params, shardings) of what TrainState.params holds and a phase's checkpoints
+  save: the model's params, or a LoRA student's adapters alone (kdjax.lora)."""
+  model = qwix_model.build(model_cfg)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_tokens(model_cfg)))
+  boxed = boxed["params"]
+  if model_cfg.lora.rank:
+    boxed = lora.split(boxed)[1]
+  return nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh, rules)
+
+
 def abstract_params(model_cfg: ModelConfig) -> Any:
   """The params' ShapeDtypeStructs (unboxed), with nothing allocated."""
   model = Transformer(model_cfg)
@@ -71,10 +91,17 @@ def param_shardings(model_cfg: ModelConfig, mesh, rules) -> Any:
 
 
 def _boxed_init(model_cfg: ModelConfig, tx, seed: int, plan: features.FeaturePlan | None):
-  model = Transformer(model_cfg)
+  model = qwix_model.build(model_cfg)
 
   def init(rng_data):
-    params = model.init(jax.random.wrap_key_data(rng_data), _dummy_tokens(model_cfg))["params"]
+    rng = jax.random.wrap_key_data(rng_data)
+    params = model.init(rng, _dummy_tokens(model_cfg))["params"]
+    frozen = None
+    if model_cfg.lora.rank:  # the optimizer and checkpoints see the adapters alone
+      params = lora.split(params)[1]
+      # The base is the plain model's init (Qwix's LoRA init draws other keys), which
+      # lora_seed_base rebuilds on resume.
+      frozen = Transformer(model_cfg.plain).init(rng, _dummy_tokens(model_cfg))["params"]
     aux_params = None
     if plan is not None and plan.projection:
       # Its own stream of the seed: the student's params are the same with or without it.
@@ -84,7 +111,8 @@ def _boxed_init(model_cfg: ModelConfig, tx, seed: int, plan: features.FeaturePla
                       opt_state=tx.init(trainable(params, aux_params)),
                       rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
                       skipped_steps=jnp.zeros((), jnp.int32),
-                      nonfinite_streak=jnp.zeros((), jnp.int32), aux_params=aux_params)
+                      nonfinite_streak=jnp.zeros((), jnp.int32), aux_params=aux_params,
+                      frozen_params=frozen)
 
   return init
 

@@ -37,7 +37,8 @@ import jax
 import numpy as np
 
 from kdjax import (answer_files, answers, config_check, decode_speed, evaluate, experiment,
-                   inputs, loop, preflight as run_checks, sharding, task_eval)
+                   inputs, loop, preflight as run_checks, quantize, settings, sharding,
+                   task_eval)
 from kdjax.config_check import ConfigError
 from kdjax.data import (answer_logits, chat_template, encoding, hosts, pipeline, records,
                         sources, word_problems)
@@ -192,7 +193,7 @@ def _student(config: Any, workdir: str, phase: str, data: TaskData, mesh, rules)
                                     cache_vocab_size=store.vocab_size)
     if phase == "mixed":
       source = sources.Mixed(source, data.records["labelled"], t.mix_weight)
-  s_cfg = ModelConfig.from_dict(config.student)
+  s_cfg = settings.student_model(config)
   spec = _spec(config, workdir, phase, s_cfg, config.student_train, config.seed + 1,
                lambda: _stream(config, source, encoder, config.seed + 1), data, mesh, rules,
                distill=distill)
@@ -236,7 +237,9 @@ def _score_all(config: Any, workdir: str, data: TaskData, models: dict[str, answ
     scores = task_eval.score(texts[name], refs, extractor=t.extractor, marker=t.marker,
                              teacher_predictions=None if name == "teacher" else texts["teacher"])
     params = sum(x.size for x in jax.tree.leaves(model.params))
+    served = evaluate.evaluated_model(model.cfg, model.params)[1]
     summary[name] = {**scores, "params": int(params),
+                     "weight_bytes": quantize.weight_bytes(served),
                      "accuracy_kept": scores["exact_match"] / max(
                          summary.get("teacher", scores)["exact_match"], 1e-9)}
     arch = "teacher" if name == "teacher" else "student"  # the students share one shape
@@ -300,11 +303,10 @@ def run(config: Any, workdir: str, data: TaskData | None = None) -> dict[str, An
     _answer_prompts(config, workdir, data, teacher)
     students = {p: _student(config, workdir, p, data, mesh, rules) for p in STUDENTS}
   else:
-    s_cfg = ModelConfig.from_dict(config.student)
-    students = {p: experiment.load_params(s_cfg, os.path.join(workdir, p, "checkpoints"), mesh,
-                                          rules)[0]
+    students = {p: experiment.load_student(config, os.path.join(workdir, p, "checkpoints"),
+                                           mesh, rules)
                 for p in STUDENTS if os.path.isdir(os.path.join(workdir, p, "checkpoints"))}
-  s_cfg = ModelConfig.from_dict(config.student)
+  s_cfg = settings.student_model(config)
   models = {"teacher": teacher, **{p: answers.Model(s_cfg, params, data.encoder,
                                                     teacher.stop_ids, mesh)
                                    for p, params in students.items()}}

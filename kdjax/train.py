@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdjax import gkd, objectives, sharding
-from kdjax.model import ModelConfig
+from kdjax import gkd, lora, objectives, sharding
+from kdjax.model import ModelConfig, QuantConfig
 from kdjax.objectives.base import Batch, Metrics
 from kdjax.settings import DistillSettings, OnPolicy
 from kdjax.state import TrainState
@@ -31,19 +31,38 @@ from kdjax.state import TrainState
 GradFn = Callable[..., tuple[Any, Metrics]]
 
 
+def model_params(trainable: Any, frozen: Any) -> Any:
+  """The student's params as its model reads them: a LoRA student's adapters (trainable) with
+  its frozen base (kdjax.lora), or the trainable params themselves."""
+  params = trainable[0] if isinstance(trainable, tuple) else trainable
+  return params if frozen is None else lora.combine(frozen, params)
+
+
 def make_grad_fn(objective: objectives.Objective, teacher_forward: Callable | None) -> GradFn:
-  """`grad_fn(trainable, teacher_params, batch, step) -> (grads, metrics)` of one micro-batch."""
-  def loss_of(trainable, batch, teacher_out, step):
-    params, aux = trainable if isinstance(trainable, tuple) else (trainable, None)
-    return objective.loss(params, aux, batch, teacher_out, step)
+  """`grad_fn(trainable, teacher_params, batch, step, frozen=None) -> (grads, metrics)` of one
+  micro-batch; `frozen` is TrainState.frozen_params (a constant, like the teacher)."""
+  def loss_of(trainable, batch, teacher_out, step, frozen):
+    aux = trainable[1] if isinstance(trainable, tuple) else None
+    return objective.loss(model_params(trainable, frozen), aux, batch, teacher_out, step)
 
   value_and_grad = jax.value_and_grad(loss_of, has_aux=True)
 
-  def grad_fn(trainable, teacher_params, batch: Batch, step):
+  def grad_fn(trainable, teacher_params, batch: Batch, step, frozen=None):
     # The teacher runs outside value_and_grad: only the student's loss is differentiated.
     teacher_out = teacher_forward(teacher_params, batch) if teacher_forward else None
-    (_, metrics), grads = value_and_grad(trainable, batch, teacher_out, step)
+    (_, metrics), grads = value_and_grad(trainable, batch, teacher_out, step, frozen)
     return grads, metrics
+
+  return grad_fn
+
+
+def delayed_quantization(float_grad_fn: GradFn, qat_grad_fn: GradFn, start_step: int) -> GradFn:
+  """QAT from `start_step` on, the float student's gradient before it (a quantization delay:
+  the weights settle before they learn the integer grid). One compiled step holds both; each
+  step runs one (lax.cond)."""
+  def grad_fn(trainable, teacher_params, batch: Batch, step, frozen=None):
+    return jax.lax.cond(step < start_step, float_grad_fn, qat_grad_fn, trainable,
+                        teacher_params, batch, step, frozen)
 
   return grad_fn
 
@@ -52,15 +71,16 @@ def with_student_samples(data_grad_fn: GradFn, sampled_grad_fn: GradFn, s_cfg: M
                          on_policy: OnPolicy, rules: sharding.Rules | None):
   """A micro-batch grad fn that, when the step's coin says so, first replaces the batch by the
   student's own samples (kdjax.gkd) and scores them with the on-policy objective."""
-  def grad_fn(trainable, teacher_params, batch: Batch, step, is_on_policy, sample_key):
+  def grad_fn(trainable, teacher_params, batch: Batch, step, is_on_policy, sample_key,
+              frozen=None):
     def student_samples():
-      params = trainable[0] if isinstance(trainable, tuple) else trainable
-      samples = gkd.student_batch(s_cfg, params, batch, sample_key, on_policy, rules)
-      grads, metrics = sampled_grad_fn(trainable, teacher_params, samples, step)
+      samples = gkd.student_batch(s_cfg, model_params(trainable, frozen), batch, sample_key,
+                                  on_policy, rules)
+      grads, metrics = sampled_grad_fn(trainable, teacher_params, samples, step, frozen)
       return grads, dict(metrics, on_policy=jnp.ones((), jnp.float32))
 
     def data():
-      grads, metrics = data_grad_fn(trainable, teacher_params, batch, step)
+      grads, metrics = data_grad_fn(trainable, teacher_params, batch, step, frozen)
       return grads, dict(metrics, on_policy=jnp.zeros((), jnp.float32))
 
     return jax.lax.cond(is_on_policy, student_samples, data)
@@ -69,7 +89,7 @@ def with_student_samples(data_grad_fn: GradFn, sampled_grad_fn: GradFn, s_cfg: M
 
 
 def accumulate(grad_fn, trainable, teacher_params, batch: Batch, step, is_on_policy, sample_key,
-               steps: int):
+               steps: int, frozen=None):
   """(grads, metrics) of the whole batch from `steps` micro-batches scanned in sequence.
 
   Each micro-batch's gradient and metrics are weighted by its unmasked tokens and divided by the
@@ -77,7 +97,7 @@ def accumulate(grad_fn, trainable, teacher_params, batch: Batch, step, is_on_pol
   tokens, not rows; an on-policy micro-batch scores its own number of tokens).
   """
   if steps == 1:
-    return grad_fn(trainable, teacher_params, batch, step, is_on_policy, sample_key)
+    return grad_fn(trainable, teacher_params, batch, step, is_on_policy, sample_key, frozen)
   # Strided split (rows i, i + A, ...): with the batch sharded over devices, every device holds
   # a slice of every micro-batch, so no device idles while others work.
   micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // steps, steps, *x.shape[1:])
@@ -86,13 +106,13 @@ def accumulate(grad_fn, trainable, teacher_params, batch: Batch, step, is_on_pol
   def body(acc, mb_i):
     mb, i = mb_i
     grads, metrics = grad_fn(trainable, teacher_params, mb, step, is_on_policy,
-                             jax.random.fold_in(sample_key, i))
+                             jax.random.fold_in(sample_key, i), frozen)
     n = metrics["num_tokens"]
     sums = jax.tree.map(lambda a, x: a + n * x, acc[0], (grads, metrics))
     return (sums, acc[1] + n), None
 
   zeros = jax.eval_shape(grad_fn, trainable, teacher_params, jax.tree.map(lambda x: x[0], micro),
-                         step, is_on_policy, sample_key)
+                         step, is_on_policy, sample_key, frozen)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
   ((grads, metrics), n_total), _ = jax.lax.scan(
       body, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(steps)))
@@ -150,8 +170,14 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
   """
   objective, teacher_forward, on_policy = _build(s_cfg, t_cfg, distill, rules, t_rules)
   grad_fn = make_grad_fn(objective, teacher_forward)
+  if s_cfg.quant.weight and s_cfg.quant.start_step > 0:
+    float_cfg = dataclasses.replace(s_cfg, quant=QuantConfig())
+    grad_fn = delayed_quantization(
+        make_grad_fn(_build(float_cfg, t_cfg, distill, rules, t_rules)[0], teacher_forward),
+        grad_fn, s_cfg.quant.start_step)
   if on_policy is None:
-    micro_grad_fn = lambda tr, tp, batch, step, is_on_policy, key: grad_fn(tr, tp, batch, step)
+    micro_grad_fn = lambda tr, tp, batch, step, is_on_policy, key, frozen: grad_fn(
+        tr, tp, batch, step, frozen)
   else:
     micro_grad_fn = with_student_samples(
         grad_fn, make_grad_fn(objective.with_on_policy(), teacher_forward), s_cfg, on_policy,
@@ -164,7 +190,8 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
     is_on_policy = (gkd.coin(coin_key, on_policy.fraction) if on_policy is not None
                     else jnp.zeros((), bool))
     grads, metrics = accumulate(micro_grad_fn, state.trainable, teacher_params, batch,
-                                state.step, is_on_policy, sample_key, grad_accum_steps)
+                                state.step, is_on_policy, sample_key, grad_accum_steps,
+                                state.frozen_params)
     new_state, metrics = guarded_update(tx, state, grads, metrics)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     if distill is not None:  # the scheduled settings this step used

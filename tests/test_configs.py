@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kdjax import config_check, experiment, hf, optim, preflight, sharding, train
+from kdjax import config_check, experiment, hf, optim, preflight, settings, sharding, train
 from kdjax.model import ModelConfig, Transformer
 from kdjax.settings import DistillSettings
 from kdjax.state import abstract_train_state
@@ -66,7 +66,7 @@ def _phase_step(config, mesh, rules, phase):
   d = config.data
   teacher_cfg = ModelConfig.from_dict(config.teacher)
   model_cfg, tc = ((teacher_cfg, config.teacher_train) if phase == "teacher"
-                   else (ModelConfig.from_dict(config.student), config.student_train))
+                   else (settings.student_model(config), config.student_train))
   tx, state, state_sh = _abstract_state(model_cfg, tc, mesh, rules)
   used = {"state": sharding.per_device_bytes(state, state_sh), "teacher": 0}
   t_cfg = t_rules = t_params = None
@@ -125,6 +125,28 @@ def test_config_builds_and_fits_its_target(name, preset):
     assert total <= budget, (f"{name}:{preset} {phase} needs {total / 2**30:.2f} GiB of state "
                              f"per device on {target.name}; the budget is "
                              f"{budget / 2**30:.2f} GiB")
+
+
+@pytest.mark.slow  # traces three real pairs' whole distillation steps twice: full suite only
+@pytest.mark.parametrize("name", ["gemma2_9b_to_2b", "llama31_8b_to_llama32_1b",
+                                  "qwen25_7b_to_1b5"])
+def test_real_pairs_build_int4_and_lora_students(name):
+  """Each real pair's distillation step traces with an int4 QAT student and a rank-8 LoRA
+  student on its target: QAT keeps float params (the same state), LoRA trains adapters alone
+  (far less optimizer state than the full student's)."""
+  sizes = {}
+  for kind, section, field, value in (("float", None, None, None),
+                                      ("int4", "student_quant", "weight", "int4"),
+                                      ("lora", "student_lora", "rank", 8)):
+    config = importlib.import_module(f"configs.{name}").get_config(None)
+    if section:
+      config[section][field] = value
+    config_check.check_config(config, config.target.devices, config.target.processes)
+    mesh = sharding.abstract_mesh(config.mesh, config.target.devices)
+    sizes[kind] = _phase_bytes(config, mesh, sharding.rules_from_config(config),
+                               "distilled")["state"]
+  assert sizes["int4"] == sizes["float"]
+  assert sizes["lora"] < 0.6 * sizes["float"]
 
 
 # The published models of the configs/ that distill one into another: the architecture keys of

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from configs import hf_distill  # noqa: E402
-from kdjax import checkpoint, experiment, hf, preflight  # noqa: E402
+from kdjax import (checkpoint, experiment, hf, preflight, qwix_model, settings,  # noqa: E402
+                   sharding)
 from kdjax.data import tokenizer as tokenizer_lib  # noqa: E402
 from kdjax.model import Transformer  # noqa: E402
 from support import fake_corpus, scripts_loader  # noqa: E402
@@ -112,6 +113,31 @@ def test_prune_distill_export(tmp_path):
   init = np.asarray(forward({"params": s_params}, jnp.asarray([ids])))
   assert np.abs(ours - init).max() > 1e-3
 
+  # A LoRA student on the same pruned init: adapters trained, the merged export loads in
+  # transformers with the kdjax LoRA model's logits, and its base files are only read.
+  config.student_lora.rank = 4
+  config.student_lora.alpha = 8.0
+  init_files = _tree_hash(str(s_dir))
+  lora_dir = str(tmp_path / "lora_run")
+  experiment.run(config, lora_dir)
+  with open(os.path.join(lora_dir, "distilled", "metrics.jsonl")) as f:
+    lora_losses = [json.loads(line)["loss"] for line in f if "loss" in json.loads(line)]
+  assert np.all(np.isfinite(lora_losses)) and lora_losses[-1] < lora_losses[0], lora_losses
+  assert _tree_hash(str(s_dir)) == init_files
+  lora_ckpts = os.path.join(lora_dir, "distilled", "checkpoints")
+  merged_out = str(tmp_path / "lora_export")
+  _script("convert").orbax_to_hf(lora_ckpts, merged_out, "student", "", "", "")
+  lora_params = experiment.load_student(config, lora_ckpts, *_mesh_and_rules(),
+                                        checkpoint.best_step(lora_ckpts))
+  lora_cfg = settings.student_model(config)
+  lora_logits = np.asarray(qwix_model.build(lora_cfg).apply({"params": lora_params},
+                                                             jnp.asarray([ids])))
+  with torch.no_grad():
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_out).eval()(
+        torch.tensor([ids])).logits.numpy()
+  assert np.abs(lora_logits - merged).max() < 1e-4 * np.abs(merged).max()
+  assert np.abs(lora_logits - init).max() > 1e-3  # the adapters learned something
+
 
 def _tiny_qwen(directory, tokenizer_builder):
   model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
@@ -144,3 +170,7 @@ def test_a_student_with_another_tokenizer_or_unreadable_weights_is_refused_early
   config = hf_distill.get_config(f"teacher={teacher},student={same}")
   with pytest.raises(config_check.ConfigError, match=r"config\.student_init: .*never loads"):
     preflight.check_teacher_checkpoint(config, str(tmp_path), phases)
+
+
+def _mesh_and_rules():
+  return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}), sharding.DEFAULT_RULES

@@ -230,7 +230,8 @@ def _check_expressible(cfg: ModelConfig, hf: dict[str, Any], family: str) -> Non
   back = model_config(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                       scan_layers=cfg.scan_layers)
   differ = [f.name for f in dataclasses.fields(ModelConfig)
-            if f.name != "family" and getattr(back, f.name) != getattr(cfg, f.name)]
+            if f.name not in ("family", "quant", "lora")  # Qwix settings: not in config.json
+            and getattr(back, f.name) != getattr(cfg, f.name)]
   if family == "gemma2":  # the scalar is an integer in config.json
     differ = [f for f in differ if not (f == "query_scale" and
                                         np.isclose(back.query_scale, cfg.query_scale))]

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from kdjax import features, sharding
+from kdjax import features, qwix_model, sharding
 from kdjax.model import ModelConfig, Transformer, unembedding
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: BxL int32; mask: BxL f32
@@ -71,7 +71,7 @@ def forward(cfg: ModelConfig, params: Any, batch: Batch, rules: sharding.Rules |
             final_hidden: bool = False) -> jax.Array:
   """logits_BxLxV (float32), or the final hidden_BxLxD with `final_hidden`."""
   with sharding.activation_rules(rules):
-    return Transformer(cfg).apply({"params": params}, batch["inputs"], batch["segment_ids"],
+    return qwix_model.build(cfg).apply({"params": params}, batch["inputs"], batch["segment_ids"],
                                   batch["positions"], return_final_hidden=final_hidden)
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kdjax import features, sharding
-from kdjax.model import ModelConfig, Transformer
+from kdjax import features, qwix_model, sharding
+from kdjax.model import ModelConfig
 from kdjax.objectives import base
 from kdjax.objectives.chunked_logits import ChunkedLogits
 from kdjax.objectives.logits import Logits
@@ -46,7 +46,7 @@ class HiddenStates:
     chunked = isinstance(self.logit_term, ChunkedLogits)
     t_out, t_feats = teacher_out
     with sharding.activation_rules(self.logit_term.rules):
-      s_out, s_feats = features.forward(Transformer(self.s_cfg), self.s_cfg, params, batch,
+      s_out, s_feats = features.forward(qwix_model.build(self.s_cfg), self.s_cfg, params, batch,
                                         self.plan, self.plan.s_layers, chunked)
     if chunked:
       loss, metrics = self.logit_term.loss_from_hidden(params, s_out, t_out, batch, step)
