@@ -37,8 +37,11 @@ def get_config(arg=None):
   config.student.update(dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=4,
                              mlp_dim=704, **family))
   # The fused loss in chunks of 1024 tokens: 1.2x faster than full logits here (BENCHMARKS.md).
-  config.distill.update(dict(temperature=2.0, loss_chunk_size=1024))
+  # alpha = 0.5 and lr 3e-3: the step BENCHMARKS.md measures and the peers reproduce, kept as it
+  # was when Shakespeare's default moved to alpha = 1.
+  config.distill.update(dict(temperature=2.0, alpha=0.5, loss_chunk_size=1024))
+  config.distill.alpha_schedule.end = 0.5
   config.teacher_train.update(dict(steps=200, warmup_steps=20))
-  config.student_train.update(dict(steps=200, warmup_steps=20))
+  config.student_train.update(dict(steps=200, warmup_steps=20, learning_rate=3e-3))
   config.target.update(dict(name="2-core CPU", devices=1, processes=1, memory_gib=8.0))
   return config

@@ -7,13 +7,15 @@ the same batches for the same number of steps, and compares all three on held-ou
   python -m kdjax.main --config=configs/shakespeare.py:smoke --workdir=runs/smoke
 
 Presets (the part after ':'):
-  (none)        the default run: 9-12 minutes on a 2-core CPU (README has the measured table).
+  (none)        the default run: about 20 minutes on a 2-core CPU (README has the measured
+                table); its loss and the students' learning rate are the validation winners
+                of the `ablate` sweep.
   smoke         the same pipeline shrunk to about 30 seconds; tests use it.
-  ablate        the provided ablation set (see `sweep`), for scripts/ablate.py; about 30
-                minutes on a 2-core CPU:
+  ablate        the provided ablation set (see `sweep`) on three seeds, for scripts/ablate.py;
+                about 56 minutes alone on a 2-core CPU (README "Ablations"):
                   python scripts/ablate.py --config=configs/shakespeare.py:ablate \
                       --workdir=runs/ablate
-  ablate_smoke  a small sweep on the smoke sizes, about 3 minutes; tests use it.
+  ablate_smoke  a small sweep on the smoke sizes and two seeds; tests use it.
 
 Any field can be overridden, e.g. `--config.distill.temperature=2 --config.seed=1`.
 """
@@ -24,6 +26,8 @@ from kdjax import settings
 from kdjax.sharding import DEFAULT_RULES
 
 PRESETS = ("", "smoke", "ablate", "ablate_smoke")
+# The :ablate sweep's base point: its loss settings and the students' learning rate.
+SWEEP_BASE = dict(loss="forward_kl", temperature=1.0, alpha=1.0, lr=6e-3)
 
 
 def _point(name, group, phase="distilled", **overrides):
@@ -33,32 +37,36 @@ def _point(name, group, phase="distilled", **overrides):
 
 def sweep(smoke: bool = False) -> list[dict]:
   """The provided ablations, as points for scripts/ablate.py (kdjax.ablation): each point is the
-  base config with a few overrides, the same seed, and the same shared teacher.
+  base config with a few overrides; within a seed all share the student init, the batches and
+  the teacher. Every point runs on each of `sweep_seeds`.
 
-  temperature_alpha  T in {1, 2, 4, 8} x alpha in {0.5, 0.9, 1}, and alpha = 0 (cross-entropy
-                     only, where T does not matter) once
-  divergence         the six soft losses at T = 1, alpha = 0.5
-  student_size       three student widths/depths, distilled and from scratch
-  data_budget        distilled vs scratch at 1/2, 1 and 2 x the student's steps (Gemma 2's curve)
+  loss_temperature_alpha  divergence {forward KL, reverse KL} x T {1, 2} x alpha {0.5, 1},
+                          and cross-entropy alone (alpha = 0: the scratch student) once
+  learning_rate           the students' learning rate x {1, 2}, distilled and from scratch
+  student_size            a narrower, shallower student and the default, distilled and from
+                          scratch
+  data_budget             distilled vs scratch at 1/2 and 1 x the student's steps
   """
-  temperatures, alphas = ((1.0, 4.0), (0.5, 1.0)) if smoke else ((1.0, 2.0, 4.0, 8.0),
-                                                               (0.5, 0.9, 1.0))
-  points = [_point("alpha0", "temperature_alpha", distill__alpha=0.0)]
-  points += [_point(f"T{t:g}_a{a:g}", "temperature_alpha", distill__temperature=t,
-                    distill__alpha=a) for t in temperatures for a in alphas]
-  divergences = (("forward_kl", "reverse_kl", "tvd") if smoke else
-                 ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl",
-                  "tvd"))
-  points += [_point(loss, "divergence", distill__loss=loss) for loss in divergences]
-  sizes = ({"s": (16, 1)} if smoke else {"s": (64, 1), "m": (96, 2), "l": (128, 3)})
+  losses = ("forward_kl", "reverse_kl")
+  temperatures, alphas = ((1.0,), (0.5, 1.0)) if smoke else ((1.0, 2.0), (0.5, 1.0))
+  # Cross-entropy alone (alpha = 0) reads no teacher: it is the scratch student itself.
+  points = [_point("cross_entropy", "loss_temperature_alpha", "scratch")]
+  points += [_point(f"{loss}_T{t:g}_a{a:g}", "loss_temperature_alpha", distill__loss=loss,
+                    distill__temperature=t, distill__alpha=a)
+             for loss in losses for t in temperatures for a in alphas]
+  # The students' learning rate and its double, with and without the teacher.
+  base_lr = SWEEP_BASE["lr"]
+  for lr in ((2 * base_lr,) if smoke else (base_lr, 2 * base_lr)):
+    for phase in ("distilled", "scratch"):
+      points.append(_point(f"lr{lr:g}_{phase}", "learning_rate", phase,
+                           student_train__learning_rate=lr))
+  sizes = ({"s": (16, 1)} if smoke else {"s": (64, 1), "m": (96, 2)})
   for size, (width, layers) in sizes.items():
     for phase in ("distilled", "scratch"):
       points.append(_point(f"{size}_{phase}", "student_size", phase, student__d_model=width,
                            student__num_layers=layers, student__mlp_dim=width * 8 // 3 // 8 * 8))
   base_steps = 30 if smoke else 150
-  budgets = (base_steps // 2, base_steps) if smoke else (base_steps // 2, base_steps,
-                                                         2 * base_steps)
-  for steps in budgets:
+  for steps in (base_steps // 2, base_steps):
     for phase in ("distilled", "scratch"):
       points.append(_point(f"steps{steps}_{phase}", "data_budget", phase,
                            student_train__steps=steps,
@@ -69,7 +77,7 @@ def sweep(smoke: bool = False) -> list[dict]:
 def get_config(arg=None):
   """The Shakespeare experiment; `arg` is one of PRESETS (the module docstring lists them):
 
-    python -m kdjax.main --config=configs/shakespeare.py --workdir=runs/shakespeare  # ~12 min
+    python -m kdjax.main --config=configs/shakespeare.py --workdir=runs/shakespeare  # ~20 min
     python -m kdjax.main --config=configs/shakespeare.py:smoke --workdir=runs/smoke  # ~30 s
   """
   config = ml_collections.ConfigDict()
@@ -93,8 +101,10 @@ def get_config(arg=None):
                                           num_kv_heads=2, mlp_dim=256, max_len=512)
   config.teacher_train = settings.config_section(settings.TrainSettings, steps=600,
                                                  learning_rate=3e-3, warmup_steps=50)
-  config.student_train = settings.config_section(settings.TrainSettings, steps=250,
-                                                 learning_rate=3e-3, warmup_steps=25)
+  # The students' learning rate is the provided sweep's choice on the validation plays, confirmed
+  # at full length; 400 steps fill the 15-minute budget of the default run (README "Ablations").
+  config.student_train = settings.config_section(settings.TrainSettings, steps=400,
+                                                 learning_rate=1.2e-2, warmup_steps=40)
   # A given teacher instead of training one, and the students' init (settings.ModelSources):
   # a teacher phase's checkpoints folder, or a Hugging Face model directory that fits
   # config.teacher; a Hugging Face model directory that fits config.student. '' = none.
@@ -106,10 +116,11 @@ def get_config(arg=None):
   # really quantized model; --config.student_lora.rank=8 trains adapters on config.student_init.
   settings.student_sections(config)
 
-  # The loss (settings.DistillSettings): forward KL at T = 1, alpha = 0.5; feature terms,
+  # The loss (settings.DistillSettings): forward KL at T = 1 with alpha = 1 (soft targets alone),
+  # the provided sweep's choice on the validation plays (README "Ablations"); feature terms,
   # schedules, a teacher cache, on-policy and sequence-level data are all off by default, e.g.
   # --config.distill.temperature_schedule.kind=linear --config.distill.temperature_schedule.end=1
-  config.distill = settings.distill_section()
+  config.distill = settings.distill_section(alpha=1.0)
 
   # How the frozen teacher runs during distillation and evaluation: '' keeps config.teacher's
   # dtypes; e.g. param_dtype='bfloat16' halves its memory. Empty sharding_rules = sharding_rules.
@@ -162,15 +173,19 @@ def _smoke(config):
 
 
 def _ablate(config):
-  # The default models on shorter rows and fewer steps: 30-odd runs in about 30 minutes.
+  # The default models on shorter rows and fewer steps, three seeds. The base point is fixed here
+  # (SWEEP_BASE), so the measured sweep stays what it was after the default took its winners.
   config.data.seq_len = 64
   config.data.eval_batches = 12
-  config.data.val_batches = 4
-  config.student_train.update(steps=150, warmup_steps=15)
+  config.data.val_batches = 12
+  config.student_train.update(steps=150, warmup_steps=15, learning_rate=SWEEP_BASE["lr"])
+  config.distill.update(loss=SWEEP_BASE["loss"], temperature=SWEEP_BASE["temperature"],
+                        alpha=SWEEP_BASE["alpha"])
   config.checkpoint_every = 150
   config.num_samples = 0
   config.progress_bar = False
   config.sweep = sweep()
+  config.sweep_seeds = [0, 1, 2]
   return config
 
 
@@ -179,4 +194,5 @@ def _ablate_smoke(config):
   config.num_samples = 0
   config.progress_bar = False
   config.sweep = sweep(smoke=True)
+  config.sweep_seeds = [0, 1]
   return config

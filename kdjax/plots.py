@@ -14,6 +14,8 @@ from typing import Any
 
 import matplotlib
 
+from kdjax import sweep_stats
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
@@ -55,87 +57,99 @@ def training_curves(curves: Mapping[str, str], path: str, *, key: str = "loss",
   return _save(fig, path)
 
 
-def _overrides(row: Row) -> dict[str, Any]:
-  value = row.get("overrides", "{}")
-  return json.loads(value) if isinstance(value, str) else dict(value)
+def _overrides(p: sweep_stats.PointStats) -> dict[str, Any]:
+  return json.loads(p.overrides)
 
 
-def ppl_vs_temperature(rows: Sequence[Row], path: str, *, base_temperature: float = 1.0,
-                       base_alpha: float = 0.5) -> str:
-  """Held-out perplexity against temperature (log2 axis), one line per alpha. alpha = 0 does not
-  read the teacher, so its one point is drawn as a horizontal line."""
-  by_alpha: dict[float, list[tuple[float, float]]] = {}
-  for r in rows:
-    o = _overrides(r)
-    t = float(o.get("distill.temperature", base_temperature))
-    by_alpha.setdefault(float(o.get("distill.alpha", base_alpha)), []).append((t, float(r["ppl"])))
-  fig, ax = plt.subplots(figsize=(6.4, 4.0))
-  temperatures = sorted({t for pts in by_alpha.values() for t, _ in pts})
-  for alpha, pts in sorted(by_alpha.items()):
-    pts = sorted(pts)
-    if alpha == 0.0 and len(pts) == 1 and len(temperatures) > 1:
-      ax.plot([temperatures[0], temperatures[-1]], [pts[0][1]] * 2, "k--",
-              label="alpha=0 (cross-entropy only)")
-    else:
-      ax.plot([t for t, _ in pts], [p for _, p in pts], "o-", label=f"alpha={alpha:g}")
+def _errorbar(ax, xs, spreads: Sequence[sweep_stats.Spread], style: str, label: str) -> None:
+  """Means with the seeds' sample standard deviation as error bars (none for one seed)."""
+  sds = [0.0 if s.n < 2 else s.sd for s in spreads]
+  ax.errorbar(xs, [s.mean for s in spreads], yerr=sds, fmt=style, capsize=3, label=label)
+
+
+def ppl_vs_temperature(rows: Sequence[Row], path: str, *, key: str = "test_ppl") -> str:
+  """Perplexity (mean ± sd over seeds) against temperature (log2 axis), one line per divergence
+  and alpha; cross-entropy alone (a scratch point, or alpha = 0) does not read the teacher, so it
+  is drawn as a horizontal line with its spread as a band."""
+  lines: dict[tuple[str, float], list[tuple[float, sweep_stats.Spread]]] = {}
+  ce_only = []
+  for p in sweep_stats.points(rows):
+    o = _overrides(p)
+    if p.phase == "scratch" or float(o.get("distill.alpha", 0.5)) == 0.0:
+      ce_only.append(p.metric(key))
+      continue
+    line = (str(o.get("distill.loss", "forward_kl")), float(o.get("distill.alpha", 0.5)))
+    lines.setdefault(line, []).append((float(o.get("distill.temperature", 1.0)), p.metric(key)))
+  fig, ax = plt.subplots(figsize=(7.2, 4.4))
+  temperatures = sorted({t for pts in lines.values() for t, _ in pts}) or [1.0]
+  for s in ce_only:
+    ax.axhline(s.mean, color="k", linestyle="--", label="alpha=0 (cross-entropy only)")
+    if s.n > 1:
+      ax.axhspan(s.mean - s.sd, s.mean + s.sd, color="k", alpha=0.1)
+  for (loss, alpha), pts in sorted(lines.items()):
+    pts.sort(key=lambda tp: tp[0])
+    _errorbar(ax, [t for t, _ in pts], [s for _, s in pts], "o-", f"{loss}, alpha={alpha:g}")
   ax.set_xscale("log", base=2)
+  ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
   ax.set_xlabel("temperature")
-  ax.set_ylabel("held-out perplexity")
-  ax.set_title("perplexity vs temperature and alpha")
-  ax.legend(fontsize=8)
+  ax.set_ylabel(f"{key.replace('_', ' ')} (mean ± sd over seeds)")
+  ax.set_title("perplexity by divergence, temperature and alpha")
+  ax.legend(fontsize=7)
   return _save(fig, path)
 
 
-def ppl_by_label(rows: Sequence[Row], path: str, *, title: str, label_key: str = "name") -> str:
-  """A bar per row (e.g. one per divergence), lowest perplexity first."""
-  rows = sorted(rows, key=lambda r: float(r["ppl"]))
+def ppl_by_label(rows: Sequence[Row], path: str, *, title: str, key: str = "test_ppl") -> str:
+  """A bar per point (mean ± sd over seeds), lowest perplexity first."""
+  stats = sorted(sweep_stats.points(rows), key=lambda p: p.metric(key).mean)
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
-  ax.barh([str(r[label_key]) for r in rows], [float(r["ppl"]) for r in rows])
-  lo = min(float(r["ppl"]) for r in rows) if rows else 0.0
+  spreads = [p.metric(key) for p in stats]
+  ax.barh([p.name for p in stats], [s.mean for s in spreads],
+          xerr=[0.0 if s.n < 2 else s.sd for s in spreads], capsize=3)
+  lo = min((s.mean for s in spreads), default=0.0)
   ax.set_xlim(left=0.9 * lo)
   ax.invert_yaxis()
-  ax.set_xlabel("held-out perplexity")
+  ax.set_xlabel(f"{key.replace('_', ' ')} (mean ± sd over seeds)")
   ax.set_title(title)
   return _save(fig, path)
 
 
 def ppl_vs(rows: Sequence[Row], path: str, *, x_key: str, x_label: str, title: str,
-           log_x: bool = True) -> str:
-  """Perplexity against a numeric column (training tokens, params), distilled vs scratch."""
+           key: str = "test_ppl", log_x: bool = True) -> str:
+  """Perplexity (mean ± sd over seeds) against a numeric column (training tokens, params),
+  distilled vs scratch."""
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  stats = sweep_stats.points(rows)
   for phase, style in (("distilled", "o-"), ("scratch", "s--")):
-    pts = sorted((float(r[x_key]), float(r["ppl"])) for r in rows if r["phase"] == phase)
+    pts = sorted((float(p.rows[0][x_key]), p.metric(key)) for p in stats if p.phase == phase)
     if pts:
-      ax.plot([x for x, _ in pts], [p for _, p in pts], style, label=phase)
+      _errorbar(ax, [x for x, _ in pts], [s for _, s in pts], style, phase)
   if log_x:
     ax.set_xscale("log")
   ax.set_xlabel(x_label)
-  ax.set_ylabel("held-out perplexity")
+  ax.set_ylabel(f"{key.replace('_', ' ')} (mean ± sd over seeds)")
   ax.set_title(title)
   ax.legend()
   return _save(fig, path)
 
 
 def sweep_plots(rows: Sequence[Row], directory: str) -> list[str]:
-  """The standard figures for each group present in `rows` (results.csv rows)."""
+  """The figures for each group present in `rows` (results.csv rows, one per point and seed):
+  perplexity against temperature for the loss cross, against training tokens and params for
+  the data-budget and size groups, and a bar chart for any other group."""
   groups: dict[str, list[Row]] = {}
   for r in rows:
     groups.setdefault(r["group"], []).append(r)
   written = []
-  if "temperature_alpha" in groups:
-    written.append(ppl_vs_temperature(groups["temperature_alpha"],
-                                      os.path.join(directory, "ppl_vs_temperature.png")))
-  if "divergence" in groups:
-    written.append(ppl_by_label(groups["divergence"], os.path.join(directory,
-                                                                   "ppl_by_divergence.png"),
-                                title="perplexity by divergence"))
-  if "data_budget" in groups:
-    written.append(ppl_vs(groups["data_budget"], os.path.join(directory, "data_budget.png"),
-                          x_key="train_tokens", x_label="student training tokens",
-                          title="distilled vs scratch as training tokens grow"))
-  if "student_size" in groups:
-    written.append(ppl_vs(groups["student_size"], os.path.join(directory, "student_size.png"),
-                          x_key="params", x_label="student params",
-                          title="distilled vs scratch by student size"))
+  for group, members in groups.items():
+    path = os.path.join(directory, f"{group or 'points'}.png")
+    if group == "loss_temperature_alpha":
+      written.append(ppl_vs_temperature(members, path))
+    elif group == "data_budget":
+      written.append(ppl_vs(members, path, x_key="train_tokens", x_label="student training tokens",
+                            title="distilled vs scratch as training tokens grow"))
+    elif group == "student_size":
+      written.append(ppl_vs(members, path, x_key="params", x_label="student params",
+                            title="distilled vs scratch by student size"))
+    else:
+      written.append(ppl_by_label(members, path, title=f"perplexity: {group or 'points'}"))
   return written
-

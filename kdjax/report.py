@@ -14,9 +14,14 @@ from typing import Any
 
 import jax
 
-# An ablation point's row: what it is, then its held-out metrics (kdjax.evaluate).
-COLUMNS = ("name", "group", "phase", "overrides", "params", "train_tokens", "ppl", "loss",
-           "accuracy", "top1_agreement", "top5_agreement", "kl_to_teacher", "ece")
+from kdjax import sweep_stats
+
+# An ablation point's row (one per point and seed): what it is, then its held-out metrics
+# (kdjax.evaluate) on the validation split (val_*, what picks a winner) and the test split
+# (test_*, what is reported).
+METRICS = ("ppl", "loss", "accuracy", "top1_agreement", "top5_agreement", "kl_to_teacher", "ece")
+COLUMNS = (("name", "group", "phase", "seed", "overrides", "params", "train_tokens")
+           + tuple(f"{split}_{m}" for split in ("val", "test") for m in METRICS))
 
 
 def write_text(path: str, text: str) -> None:
@@ -68,19 +73,53 @@ def results_csv(rows: list[dict[str, Any]]) -> str:
   return buffer.getvalue()
 
 
+def _group_table(group: list[sweep_stats.PointStats]) -> list[str]:
+  winner = sweep_stats.best(group)
+  lines = ["| point | phase | params | train tokens | seeds | val ppl | test ppl | test ppl − "
+           f"{winner.name} (paired) | top-1 agr. | top-5 agr. | KL | ECE |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for p in group:
+    mark = " ★" if p is winner else ""
+    diff = "—" if p is winner else sweep_stats.paired(p, winner).format()
+    first = p.rows[0]
+    lines.append(
+        f"| {p.name}{mark} | {p.phase} | {int(first['params']):,} | "
+        f"{int(first['train_tokens']):,} | {p.metric('val_ppl').n} | "
+        f"{p.metric('val_ppl').format()} | {p.metric('test_ppl').format()} | {diff} | "
+        + " | ".join(p.metric(f"test_{k}").format(4)
+                     for k in ("top1_agreement", "top5_agreement", "kl_to_teacher", "ece"))
+        + " |")
+  return lines
+
+
+def _pairs_table(stats: list[sweep_stats.PointStats]) -> list[str]:
+  lines = ["### distilled − scratch, paired by seed", "",
+           "| group | point | distilled test ppl | scratch test ppl | difference | relative | "
+           "per seed |", "|---|---|---|---|---|---|---|"]
+  found = False
+  for name, group in sweep_stats.groups(stats).items():
+    for d, s in sweep_stats.distilled_scratch_pairs(group):
+      found = True
+      diff, rel = sweep_stats.paired(d, s), sweep_stats.paired(d, s, relative=True)
+      pct = sweep_stats.Spread(tuple(100 * v for v in rel.values))
+      per_seed = ", ".join(f"{v:+.2f}" for v in diff.values)
+      lines.append(f"| {name or 'points'} | {sweep_stats.overrides_label(d)} | "
+                   f"{d.metric('test_ppl').format()} | {s.metric('test_ppl').format()} | "
+                   f"{diff.format()} | {pct.format(1)}% | {per_seed} |")
+  return lines + [""] if found else []
+
+
 def results_markdown(rows: list[dict[str, Any]]) -> str:
-  """A table per group: the point, its phase, and its held-out metrics."""
-  lines = []
-  for group in dict.fromkeys(r["group"] for r in rows):
-    lines += [f"### {group or 'points'}", "",
-              "| point | phase | params | train tokens | ppl | top-1 agr. | top-5 agr. | KL | ECE |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if r["group"] == group):
-      lines.append(f"| {r['name']} | {r['phase']} | {r['params']:,} | {r['train_tokens']:,} | "
-                   f"{r['ppl']:.2f} | {r['top1_agreement']:.4f} | {r['top5_agreement']:.4f} | "
-                   f"{r['kl_to_teacher']:.4f} | {r['ece']:.4f} |")
-    lines.append("")
-  return "\n".join(lines)
+  """A table per group (mean ± sample sd over seeds; ★ marks the lowest mean validation
+  perplexity), then the paired distilled − scratch differences."""
+  stats = sweep_stats.points(rows)
+  seeds = sorted({int(r["seed"]) for r in rows})
+  lines = [f"Seeds {', '.join(map(str, seeds))}: mean ± sample standard deviation over seeds. "
+           "★ = the group's lowest mean validation perplexity (what chooses); the other columns "
+           "are on the test split. Paired differences are taken seed by seed.", ""]
+  for name, group in sweep_stats.groups(stats).items():
+    lines += [f"### {name or 'points'}", ""] + _group_table(group) + [""]
+  return "\n".join(lines + _pairs_table(stats))
 
 
 def write_results(workdir: str, rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -90,8 +129,10 @@ def write_results(workdir: str, rows: list[dict[str, Any]]) -> dict[str, str]:
            for name in ("results.csv", "results.md", "timings.csv")}
   if jax.process_index() != 0:
     return paths
-  write_text(paths["results.csv"], results_csv(rows))
-  write_text(paths["results.md"], results_markdown(rows))
-  write_text(paths["timings.csv"], "name,run,seconds\n" + "".join(
-      f"{r['name']},{r['run']},{r.get('seconds', '')}\n" for r in rows))
+  table = results_csv(rows)
+  write_text(paths["results.csv"], table)
+  # The markdown is computed from the CSV as written, so it follows from results.csv alone.
+  write_text(paths["results.md"], results_markdown(list(csv.DictReader(io.StringIO(table)))))
+  write_text(paths["timings.csv"], "name,seed,run,seconds\n" + "".join(
+      f"{r['name']},{r['seed']},{r['run']},{r.get('seconds', '')}\n" for r in rows))
   return paths

@@ -360,8 +360,8 @@ class DistillSettings:
 def distill_section(**values: Any) -> ml_collections.ConfigDict:
   """config.distill with every field at its default, then `values`.
 
-  A schedule's `end` defaults to its field's default, so switching only `kind` to 'linear'
-  moves nowhere until `end` is set too.
+  A schedule's `end` defaults to its field's value (given or default), so switching only `kind`
+  to 'linear' moves nowhere until `end` is set too.
   """
   s, on, src = DistillSettings(), OnPolicy(), TeacherSources()
   section = {name: getattr(s, name) for name in _PLAIN}
@@ -373,6 +373,8 @@ def distill_section(**values: Any) -> ml_collections.ConfigDict:
   unknown = sorted(set(values) - set(section))
   if unknown:
     raise TypeError(f"config.distill has no fields {unknown}.")
+  for name in set(_SCHEDULED) & set(values):
+    section[f"{name}_schedule"].end = values[name]
   return ml_collections.ConfigDict({**section, **values})
 
 

@@ -269,7 +269,7 @@ def test_resume_with_changed_math_is_refused_and_touches_nothing(smoke_run):
   out = _cli(workdir, "--config.distill.alpha=0.9", "--config.student_train.steps=40")
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 2 and len(lines) == 1, out.stderr
-  assert "distill.alpha: 0.5 -> 0.9" in lines[0] and "student_train.steps: 30 -> 40" in lines[0]
+  assert "distill.alpha: 1.0 -> 0.9" in lines[0] and "student_train.steps: 30 -> 40" in lines[0]
   assert "--workdir" in lines[0]
   assert _tree_hash(workdir) == before
 
