@@ -63,8 +63,8 @@ def _overrides(p: sweep_stats.PointStats) -> dict[str, Any]:
 
 def _errorbar(ax, xs, spreads: Sequence[sweep_stats.Spread], style: str, label: str) -> None:
   """Means with the seeds' sample standard deviation as error bars (none for one seed)."""
-  sds = [0.0 if s.n < 2 else s.sd for s in spreads]
-  ax.errorbar(xs, [s.mean for s in spreads], yerr=sds, fmt=style, capsize=3, label=label)
+  ax.errorbar(xs, [s.mean for s in spreads], yerr=[s.error_bar for s in spreads], fmt=style,
+              capsize=3, label=label)
 
 
 def ppl_vs_temperature(rows: Sequence[Row], path: str, *, key: str = "test_ppl") -> str:
@@ -84,8 +84,7 @@ def ppl_vs_temperature(rows: Sequence[Row], path: str, *, key: str = "test_ppl")
   temperatures = sorted({t for pts in lines.values() for t, _ in pts}) or [1.0]
   for s in ce_only:
     ax.axhline(s.mean, color="k", linestyle="--", label="alpha=0 (cross-entropy only)")
-    if s.n > 1:
-      ax.axhspan(s.mean - s.sd, s.mean + s.sd, color="k", alpha=0.1)
+    ax.axhspan(s.mean - s.error_bar, s.mean + s.error_bar, color="k", alpha=0.1)
   for (loss, alpha), pts in sorted(lines.items()):
     pts.sort(key=lambda tp: tp[0])
     _errorbar(ax, [t for t, _ in pts], [s for _, s in pts], "o-", f"{loss}, alpha={alpha:g}")
@@ -104,7 +103,7 @@ def ppl_by_label(rows: Sequence[Row], path: str, *, title: str, key: str = "test
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
   spreads = [p.metric(key) for p in stats]
   ax.barh([p.name for p in stats], [s.mean for s in spreads],
-          xerr=[0.0 if s.n < 2 else s.sd for s in spreads], capsize=3)
+          xerr=[s.error_bar for s in spreads], capsize=3)
   lo = min((s.mean for s in spreads), default=0.0)
   ax.set_xlim(left=0.9 * lo)
   ax.invert_yaxis()

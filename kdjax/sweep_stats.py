@@ -43,6 +43,11 @@ class Spread:
   def sd(self) -> float:
     return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
 
+  @property
+  def error_bar(self) -> float:
+    """The sd as a plot's error bar: zero for a single value."""
+    return 0.0 if self.n < 2 else self.sd
+
   def format(self, digits: int = 2) -> str:
     if not self.values:
       return "—"
