@@ -17,6 +17,14 @@ batch geometry and their hardware presets. Shared by all three:
   every layer's attention scores (XLA's attention and Gemma 2's soft-capped one are plain
   matmuls): in XLA:CPU's estimate of the 8x H100 step, 79 GiB of temporaries per device for the
   Gemma pair and 106 GiB for the Llama pair, against 31 and 30 GiB with 'full'.
+- memory: each config's docstring gives what one device holds in each program it runs, as the
+  target's own compiler reports it (scripts/compile_for.py: XLA:GPU for the H100s, built with no
+  cuDNN, so attention is XLA's and an upper bound; libtpu for TPU). 'state' is the model's f32
+  params (+ Adam moments when it trains), 'teacher' the frozen bf16 teacher, 'temp' what the
+  compiler adds (activations, gradients, gathered weights, loss chunks), 'peak' all of it at
+  once, 'of' the device's memory. No program holds [B, L, V] logits: the distillation loss, the
+  scratch baseline's cross-entropy (student_train.loss_chunk_size) and evaluation and
+  validation (data.eval_chunk_size) all run from final hidden states in chunks of tokens.
 
 The scratch comparison (mode 'scratch') is the same student from the same published init on the
 same batches with cross-entropy alone: continued pretraining on C4 without the teacher. That
@@ -56,6 +64,10 @@ def base_config(*, teacher_hf: str, student_init: str) -> ml_collections.ConfigD
   ))
   config.data.seq_len = 4096
   config.distill.alpha = 1.0  # forward KL at T = 1 (the defaults) alone
+  # No [B, L, V] logits anywhere: the scratch baseline's cross-entropy and evaluation run from
+  # final hidden states in chunks of 8192 tokens too (the distillation loss's chunk is per config).
+  config.student_train.loss_chunk_size = 8192
+  config.data.eval_chunk_size = 8192
   config.frozen_teacher.update(dict(
       dtype="bfloat16", param_dtype="bfloat16",
       sharding_rules=[["batch", ["data", "fsdp"]], ["embed", ["data", "fsdp"]],

@@ -21,16 +21,22 @@ Presets: '' (8x H100 80GB, one host), 'v5p_32' (TPU v5p-32: 16 chips of 95 GiB, 
 are FSDP over every device with 2 rows of 4096 tokens per device per micro-batch. On several
 hosts the workdir must be one filesystem that every host sees.
 
-Memory per device, in GiB. 'state' is the student's f32 params and Adam moments, 'teacher' the
-frozen bf16 teacher: tests/test_configs.py sums both from the derived shardings (and checks that
-they take at most half a device). 'temp' is what the compiled step adds (activations, gradients,
-gathered weights, loss chunks) in XLA:CPU's buffer assignment of the same program on as many
-fake CPU devices: an estimate, since XLA:GPU and XLA:TPU fuse differently. These rows are the
-output of `python -m tests.test_configs --compile gemma2_9b_to_2b`.
+Memory per device, in GiB, by each target's own compiler (the columns: configs/_hf_distill.py):
 
-  preset   state  teacher  temp (est.)  total (est.)  device
-  ''       3.65   2.15     30.8         36.6          H100, 80
-  v5p_32   1.83   1.08     27.5         30.4          v5p, 95
+  python scripts/compile_for.py --config=configs/gemma2_9b_to_2b.py
+  python scripts/compile_for.py --config=configs/gemma2_9b_to_2b.py:v5p_32
+
+  preset   program            state teacher   temp   peak   of
+  ''       distilled           3.65    2.15  12.17  17.98   80
+  ''       scratch             3.65    0.00  11.23  14.88   80
+  ''       eval (student)      1.22    2.15   5.43   8.80   80
+  ''       val (student)       1.22    0.00   3.47   4.69   80
+  ''       sample (student)    1.22    0.00   1.10   2.32   80
+  v5p_32   distilled           1.83    1.08  11.37  14.28   95
+  v5p_32   scratch             1.83    0.00  10.31  12.14   95
+  v5p_32   eval (student)      0.61    1.08   3.42   5.11   95
+  v5p_32   val (student)       0.61    0.00   2.34   2.95   95
+  v5p_32   sample (student)    0.61    0.00   0.48   1.09   95
 
 Most of 'temp' is attention: Gemma 2's soft-capped attention is not a fused kernel on any
 backend, so a layer holds f32 scores of 2 rows x 16 heads x 4096^2 (2 GiB) for the teacher and
@@ -45,8 +51,8 @@ Before the first run: C4 (TFDS 'c4/en' 3.1.0, train and validation) must already
 ArrayRecord in data.data_dir, e.g. `tfds build c4/en --file_format=array_record
 --data_dir=/mnt/tfds` with an Apache Beam runner (it filters Common Crawl; see the TFDS catalog);
 kdjax would otherwise try to build it in-process. Gemma's terms must be accepted on Hugging Face
-to download the checkpoints. This config was built and sized here (shapes, shardings and memory
-under jax.eval_shape); it has not been run.
+to download the checkpoints. This config was built, sized and compiled for both of its
+targets here (scripts/compile_for.py); it has not been run.
 """
 
 import ml_collections
@@ -93,14 +99,16 @@ def get_config(arg=None):
   # Chunks of 8192 tokens of a 16-row micro-batch: 512 positions per row, 1024 tokens per device.
   config.distill.loss_chunk_size = 8192
   config.target = ml_collections.ConfigDict(dict(name="8x NVIDIA H100 80GB", devices=8,
-                                                 processes=1, memory_gib=80.0))
+                                                 processes=1, memory_gib=80.0,
+                                                 topology="h100x8"))
 
   if arg == "v5p_32":
     # 64 rows in 2 micro-batches of 32: again 2 rows per device, on 16 chips.
     config.student_train.grad_accum_steps = 2
     config.distill.loss_chunk_size = 16_384
     config.data.eval_batch_size = 16
-    config.target.update(dict(name="TPU v5p-32", devices=16, processes=4, memory_gib=95.0))
+    config.target.update(dict(name="TPU v5p-32", devices=16, processes=4, memory_gib=95.0,
+                               topology="v5p-32"))
   elif arg not in (None, ""):
     raise ValueError(f"configs/gemma2_9b_to_2b.py: unknown preset {arg!r}; use one of {PRESETS}.")
   return config

@@ -9,7 +9,8 @@ config.teacher and config.student always fit them:
 The arg is comma-separated key=value pairs: `teacher` and `student` (model directories, required;
 the student is the init of both students), `data` (a TFDS text dataset, default 'c4/en', which
 must already be prepared in data.data_dir), `devices` and `memory_gib` (the target hardware,
-default one 8-GPU host of 80 GiB). Everything else is configs/_hf_distill.py's (mode 'distill',
+default one 8-GPU host of 80 GiB) and `topology` (one of kdjax.aot.TARGETS, e.g. h100x8, for
+scripts/compile_for.py to compile every step for it before you run). Everything else is configs/_hf_distill.py's (mode 'distill',
 forward KL at T = 1, chunked loss, bf16 compute with f32 student params, a bf16 FSDP-sharded
 frozen teacher, remat 'full') and can be overridden as usual, e.g. --config.student_train.steps=.
 
@@ -29,10 +30,10 @@ PRESETS = ()  # every build needs two model directories (see the docstring)
 
 def _parse(arg: str | None) -> dict[str, str]:
   pairs = dict(kv.split("=", 1) for kv in (arg or "").split(",") if kv)
-  unknown = set(pairs) - {"teacher", "student", "data", "devices", "memory_gib"}
+  unknown = set(pairs) - {"teacher", "student", "data", "devices", "memory_gib", "topology"}
   if unknown or not {"teacher", "student"} <= set(pairs):
     raise ValueError("configs/hf_distill.py: give teacher=DIR,student=DIR (and optionally "
-                     f"data=, devices=, memory_gib=); got {arg!r}.")
+                     f"data=, devices=, memory_gib=, topology=); got {arg!r}.")
   return pairs
 
 
@@ -64,5 +65,5 @@ def get_config(arg=None):
   config.distill.loss_chunk_size = 8192
   config.target = ml_collections.ConfigDict(dict(
       name="target hardware", devices=int(args.get("devices", 8)), processes=1,
-      memory_gib=float(args.get("memory_gib", 80.0))))
+      memory_gib=float(args.get("memory_gib", 80.0)), topology=args.get("topology", "")))
   return config

@@ -23,25 +23,29 @@ micro-batch), 'v5e_64' (TPU v5e-64: 64 chips of 16 GiB, 16 hosts: tensor-paralle
 host's 4 chips, FSDP over the 16 hosts, 1 row per group of 4 per micro-batch). On several hosts
 the workdir must be one filesystem that every host sees.
 
-Memory per device, in GiB. 'state' is the student's f32 params and Adam moments, 'teacher' the
-frozen bf16 teacher: tests/test_configs.py sums both from the derived shardings (and checks that
-they take at most half a device). 'temp' is what the compiled step adds (activations, gradients,
-gathered weights, loss chunks) in XLA:CPU's buffer assignment of the same program on as many
-fake CPU devices: an estimate, since XLA:GPU and XLA:TPU fuse differently, and since XLA:CPU's
-attention holds f32 scores (32 heads x 4096^2 per row and layer, 2 GiB) where cuDNN's fused
-kernel, on GPU, holds none. These rows are the output of
-`python -m tests.test_configs --compile llama31_8b_to_llama32_1b`.
+Memory per device, in GiB, by each target's own compiler (the columns: configs/_hf_distill.py):
 
-  preset   state  teacher  temp (est.)  total (est.)  device
-  ''       1.73   1.87     29.9         33.5          H100, 80
-  v5e_64   0.22   0.23      8.2          8.6          v5e, 16
+  python scripts/compile_for.py --config=configs/llama31_8b_to_llama32_1b.py
+  python scripts/compile_for.py --config=configs/llama31_8b_to_llama32_1b.py:v5e_64
+
+  preset   program            state teacher   temp   peak   of
+  ''       distilled           1.73    1.87  15.67  19.26   80
+  ''       scratch             1.73    0.00  14.98  16.70   80
+  ''       eval (student)      0.58    1.87   3.95   6.40   80
+  ''       val (student)       0.58    0.00   3.24   3.81   80
+  ''       sample (student)    0.58    0.00   0.53   1.10   80
+  v5e_64   distilled           0.22    0.23   3.25   3.70   16
+  v5e_64   scratch             0.22    0.00   2.42   2.64   16
+  v5e_64   eval (student)      0.07    0.23   2.01   2.32   16
+  v5e_64   val (student)       0.07    0.00   1.02   1.09   16
+  v5e_64   sample (student)    0.07    0.00   0.12   0.20   16
 
 Before the first run: C4 (TFDS 'c4/en' 3.1.0, train and validation) must already be prepared as
 ArrayRecord in data.data_dir, e.g. `tfds build c4/en --file_format=array_record
 --data_dir=/mnt/tfds` with an Apache Beam runner (it filters Common Crawl; see the TFDS catalog);
 kdjax would otherwise try to build it in-process. Llama's license must be accepted on Hugging Face
-to download the checkpoints. This config was built and sized here (shapes, shardings and memory
-under jax.eval_shape); it has not been run.
+to download the checkpoints. This config was built, sized and compiled for both of its
+targets here (scripts/compile_for.py); it has not been run.
 """
 
 import ml_collections
@@ -83,14 +87,16 @@ def get_config(arg=None):
   # Chunks of 8192 tokens of a 16-row micro-batch: 512 positions per row, 1024 tokens per device.
   config.distill.loss_chunk_size = 8192
   config.target = ml_collections.ConfigDict(dict(name="8x NVIDIA H100 80GB", devices=8,
-                                                 processes=1, memory_gib=80.0))
+                                                 processes=1, memory_gib=80.0,
+                                                 topology="h100x8"))
 
   if arg == "v5e_64":
     # 16 GiB per chip: heads, MLP and vocabulary also split 4 ways (the 4 chips of a host),
     # FSDP over the 16 groups of 4; each group runs 1 row per micro-batch, 4 micro-batches.
     config.mesh.update(dict(data=1, fsdp=-1, tensor=4))
     config.data.eval_batch_size = 16
-    config.target.update(dict(name="TPU v5e-64", devices=64, processes=16, memory_gib=16.0))
+    config.target.update(dict(name="TPU v5e-64", devices=64, processes=16, memory_gib=16.0,
+                               topology="v5e-64"))
   elif arg not in (None, ""):
     raise ValueError(f"configs/llama31_8b_to_llama32_1b.py: unknown preset {arg!r}; "
                      f"use one of {PRESETS}.")

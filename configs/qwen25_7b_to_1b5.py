@@ -26,24 +26,28 @@ micro-batch), 'v5e_32' (TPU v5e-32: 32 chips of 16 GiB, 8 hosts: tensor-parallel
 chips, FSDP over the 16 pairs, 1 row per pair per micro-batch). On several hosts the workdir must
 be one filesystem that every host sees.
 
-Memory per device, in GiB. 'state' is the student's f32 params and Adam moments, 'teacher' the
-frozen bf16 teacher: tests/test_configs.py sums both from the derived shardings (and checks that
-they take at most half a device). 'temp' is what the compiled step adds (activations, gradients,
-gathered weights, loss chunks) in XLA:CPU's buffer assignment of the same program on as many
-fake CPU devices: an estimate, since XLA:GPU and XLA:TPU fuse differently, and since XLA:CPU's
-attention holds f32 scores (28 heads x 4096^2 per row and layer, 1.75 GiB) where cuDNN's fused
-kernel, on GPU, holds none. These rows are the output of
-`python -m tests.test_configs --compile qwen25_7b_to_1b5`.
+Memory per device, in GiB, by each target's own compiler (the columns: configs/_hf_distill.py):
 
-  preset   state  teacher  temp (est.)  total (est.)  device
-  ''       2.16   1.77     22.8         26.7          H100, 80
-  v5e_32   0.54   0.44      9.9         10.9          v5e, 16
+  python scripts/compile_for.py --config=configs/qwen25_7b_to_1b5.py
+  python scripts/compile_for.py --config=configs/qwen25_7b_to_1b5.py:v5e_32
+
+  preset   program            state teacher   temp   peak   of
+  ''       distilled           2.16    1.77   9.07  13.00   80
+  ''       scratch             2.16    0.00   7.73   9.88   80
+  ''       eval (student)      0.72    1.77   3.53   6.03   80
+  ''       val (student)       0.72    0.00   1.57   2.29   80
+  ''       sample (student)    0.72    0.00   0.67   1.39   80
+  v5e_32   distilled           0.54    0.44   3.82   4.80   16
+  v5e_32   scratch             0.54    0.00   2.81   3.35   16
+  v5e_32   eval (student)      0.18    0.44   2.13   2.76   16
+  v5e_32   val (student)       0.18    0.00   0.96   1.14   16
+  v5e_32   sample (student)    0.18    0.00   0.20   0.38   16
 
 Before the first run: C4 (TFDS 'c4/en' 3.1.0, train and validation) must already be prepared as
 ArrayRecord in data.data_dir, e.g. `tfds build c4/en --file_format=array_record
 --data_dir=/mnt/tfds` with an Apache Beam runner (it filters Common Crawl; see the TFDS catalog);
-kdjax would otherwise try to build it in-process. This config was built and sized here (shapes,
-shardings and memory under jax.eval_shape); it has not been run.
+kdjax would otherwise try to build it in-process. This config was built, sized and compiled for
+both of its targets here (scripts/compile_for.py); it has not been run.
 """
 
 import ml_collections
@@ -84,14 +88,16 @@ def get_config(arg=None):
   # Chunks of 8192 tokens of a 16-row micro-batch: 512 positions per row, 1024 tokens per device.
   config.distill.loss_chunk_size = 8192
   config.target = ml_collections.ConfigDict(dict(name="8x NVIDIA H100 80GB", devices=8,
-                                                 processes=1, memory_gib=80.0))
+                                                 processes=1, memory_gib=80.0,
+                                                 topology="h100x8"))
 
   if arg == "v5e_32":
     # 16 GiB per chip: heads, MLP and vocabulary also split 2 ways (the student's 2 KV heads
     # allow no more), FSDP over the 16 pairs; each pair runs 1 row per micro-batch, 4 of them.
     config.mesh.update(dict(data=1, fsdp=-1, tensor=2))
     config.data.eval_batch_size = 16
-    config.target.update(dict(name="TPU v5e-32", devices=32, processes=8, memory_gib=16.0))
+    config.target.update(dict(name="TPU v5e-32", devices=32, processes=8, memory_gib=16.0,
+                               topology="v5e-32"))
   elif arg not in (None, ""):
     raise ValueError(f"configs/qwen25_7b_to_1b5.py: unknown preset {arg!r}; use one of {PRESETS}.")
   return config

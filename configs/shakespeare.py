@@ -131,9 +131,11 @@ def get_config(arg=None):
   config.mesh = settings.config_section(settings.MeshSettings)
   config.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
   # The hardware this config is sized for; tests/test_configs.py checks that the training state
-  # (params, optimizer state and the frozen teacher) fits one device's memory on it.
+  # (params, optimizer state and the frozen teacher) fits one device's memory on it. `topology`
+  # names an accelerator target of kdjax.aot.TARGETS, which scripts/compile_for.py compiles
+  # for ('' = none: the CPU here).
   config.target = ml_collections.ConfigDict(dict(name="laptop CPU", devices=1, processes=1,
-                                                 memory_gib=8.0))
+                                                 memory_gib=8.0, topology=""))
 
   config.log_every = 10
   config.checkpoint_every = 100

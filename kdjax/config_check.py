@@ -16,61 +16,13 @@ import jax.numpy as jnp
 
 from kdjax import losses, qwix_model, schedules, sharding
 from kdjax.data import records, sources
-from kdjax.model import (ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, LoraConfig,
-                         ModelConfig, QuantConfig)
+from kdjax.model import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, ModelConfig
 from kdjax.settings import FrozenTeacher, TrainSettings, distill_fields, student_model
 from kdjax.teacher_cache import estimators as cache_estimators
 
 MODES = ("experiment", "teacher", "distill", "scratch", "eval")
 
-# The config groups whose values decide what a phase computes. A phase resumes only if these are
-# unchanged; everything else (logging, checkpoint cadence, eval and sampling settings, the mesh,
-# where the data lives) may change between runs. An entry is a top-level group or one field of
-# one ("task.mix_weight").
-_TEACHER_SOURCE = ("teacher", "teacher_train", "teacher_checkpoint", "teacher_hf")
-# A task run (kdjax.task): its data is generated from task_data or read from task.*_files, its
-# students learn the teacher's answers (seq), their recorded log-probs (logits) and a labelled
-# mix (mixed); scoring and speed settings (extractor, marker, speed_*) alter no phase.
-_TASK_DATA = ("task_data", "task.generate", "task.val_files")
-_STUDENT = ("student", "student_quant", "student_lora", "student_train", "student_init")
-_TASK_STUDENT = ("seed", "data", *_STUDENT, *_TASK_DATA,
-                 "task.labelled_files")
-_TASK_ANSWERS = (*_TASK_STUDENT, *_TEACHER_SOURCE, "frozen_teacher", "task.teacher_files",
-                 "task.prompt_files", "task.max_new_tokens", "task.answer_batch_size")
-PHASE_FIELDS = {
-    "teacher": ("seed", "data", "teacher", "teacher_train", *_TASK_DATA, "task.teacher_files"),
-    "distilled": ("seed", "data", *_STUDENT, "distill", *_TEACHER_SOURCE, "frozen_teacher"),
-    "scratch": ("seed", "data", *_STUDENT),
-    "labelled": _TASK_STUDENT,
-    "seq": _TASK_ANSWERS,
-    "logits": (*_TASK_ANSWERS, "distill", "task.record_topk"),
-    "mixed": (*_TASK_ANSWERS, "distill", "task.record_topk", "task.mix_weight"),
-}
-_NON_MATH_DATA = {"data.data_dir", "data.archive", "data.eval_split", "data.eval_batch_size",
-                  "data.eval_batches", "data.val_split", "data.val_batches"}
 _TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSettings)}
-# Distill fields added after runs were first saved, at the values that reproduced those runs
-# then. Frozen on purpose, not read from settings: a later change of a default must not make an
-# old run look resumable with other math.
-_DISTILL_DEFAULTS = {
-    "distill.feature_weight": 0.0, "distill.feature_loss": "mse", "distill.feature_layers": [],
-    "distill.attention_weight": 0.0, "distill.teacher_cache": "", "distill.sequence_data": "",
-    "distill.on_policy_fraction": 0.0,
-    # Unused while the feature above is off: an older run matches whatever is set now.
-    "distill.cache_estimator": None, "distill.on_policy_prompt_tokens": None,
-    "distill.on_policy_new_tokens": None, "distill.on_policy_temperature": None,
-    **{f"distill.{name}_schedule.{key}": value
-       for name in ("alpha", "temperature", "feature_weight")
-       for key, value in (("kind", "constant"), ("end", None), ("steps", 0))},
-}
-# Data fields added after runs were first saved, at the values those runs used (frozen likewise).
-_DATA_DEFAULTS = {
-    "data.train_files": "", "data.eval_files": "", "data.val_files": "",
-    "data.eval_fraction": 0.05, "data.val_fraction": 0.05, "data.txt_unit": "line",
-    "data.hf_dataset": "", "data.format": "", "data.messages_key": "messages",
-    "data.train_on": "assistant", "data.chat_template": "",
-    "data.mix_files": "", "data.mix_weight": 0.0, "data.split_digits": False,
-}
 # Each schedulable field: its range as (check, wording) for the plain value and the schedule end.
 _SCHEDULED = {
     "alpha": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
@@ -143,6 +95,8 @@ def check_train(tc: Any, prefix: str, batch_size: int, dp: int) -> None:
     _require(0 <= tc[b] < 1, f"{prefix}.{b}", f"Adam's {b} must be in [0, 1).")
   _require(0 <= tc.warmup_steps <= tc.steps, f"{prefix}.warmup_steps",
            f"must be in [0, steps={tc.steps}].")
+  _require(tc.get("loss_chunk_size", 0) >= 0, f"{prefix}.loss_chunk_size",
+           "must be >= 0 (0 = whole logits; > 0 = tokens per chunk of the cross-entropy).")
   accum = tc.grad_accum_steps
   _require(accum >= 1 and (batch_size // dp) % accum == 0, f"{prefix}.grad_accum_steps",
            f"{accum} must divide the per-device batch {batch_size // dp}.")
@@ -158,42 +112,6 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     else:
       out[key] = list(v) if isinstance(v, tuple) else v
   return out
-
-
-def _alters(key: str, fields: tuple[str, ...]) -> bool:
-  return any(key == f or key.startswith(f + ".") for f in fields)
-
-
-def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None:
-  """Refuses to resume `phase` from `directory` if a field that alters its math changed."""
-  old, new = flatten(saved), flatten(current)
-  for section in ("teacher", "student"):  # runs saved before a model field existed had its default
-    if section in saved:
-      for f in dataclasses.fields(ModelConfig):
-        if f.name not in ("quant", "lora"):  # sections of their own (student_quant, _lora)
-          old.setdefault(f"{section}.{f.name}", f.default)
-  for key in ("teacher_hf", "student_init"):
-    old.setdefault(key, "")
-  for name, cls in (("student_quant", QuantConfig), ("student_lora", LoraConfig)):
-    for f in dataclasses.fields(cls):  # runs saved before these sections existed: both off
-      old.setdefault(f"{name}.{f.name}", f.default)
-  if "data" in saved:
-    for key, value in _DATA_DEFAULTS.items():
-      old.setdefault(key, value)
-  if "distill" in saved:
-    for key, value in _DISTILL_DEFAULTS.items():
-      # A constant schedule ignores its end: an older run matches whatever end is set now.
-      old.setdefault(key, new.get(key) if value is None else value)
-  changed = []
-  for key in sorted(set(old) | set(new)):
-    if _alters(key, PHASE_FIELDS[phase]) and key not in _NON_MATH_DATA:
-      if old.get(key) != new.get(key):
-        changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-  if changed:
-    raise ConfigError(
-        f"config: {directory} holds a '{phase}' run made with different settings "
-        f"({'; '.join(changed)}); use a new --workdir (config.teacher_checkpoint can reuse a "
-        "teacher) or restore those values.")
 
 
 def _check_rules(rules: Any, field: str) -> None:
@@ -296,6 +214,8 @@ def _check_run_settings(config: Any) -> None:
     _require(config[field] >= 1, field, f"must be >= 1 (got {config[field]}).")
   for field in ("eval_batches", "val_batches"):
     _require(config.data[field] >= 1, f"data.{field}", f"must be >= 1 (got {config.data[field]}).")
+  _require(config.data.get("eval_chunk_size", 0) >= 0, "data.eval_chunk_size",
+           "must be >= 0 (0 = whole batches; > 0 = tokens per chunk of the logits).")
   _require(0 <= config.num_samples <= len(config.sample_prompts), "num_samples",
            f"must be in [0, len(sample_prompts)={len(config.sample_prompts)}].")
   _require(config.sample_temperature >= 0, "sample_temperature", "must be >= 0 (0 is greedy).")

@@ -91,11 +91,12 @@ def run_experiment_phase(config: Any, workdir: str, phase: str, data: Data, mesh
   common = dict(phase=phase, phase_dir=os.path.join(workdir, phase), mesh=mesh, rules=rules,
                 tokens_per_step=data.tokens_per_step, **phase_kwargs(config))
   placement = evaluate.Placement(mesh, rules)
+  chunk = int(config.data.get("eval_chunk_size", 0))
   if phase == "teacher":
     t_cfg = ModelConfig.from_dict(config.teacher)
     return _train(model_cfg=t_cfg,
                   val_loss_fn=lambda p: evaluate.held_out_loss(t_cfg, p, data.val_batches,
-                                                               placement),
+                                                               placement, chunk),
                   train_cfg=TrainSettings.from_config(config.teacher_train), seed=config.seed,
                   make_train_iter=lambda: data.make_train_iter(config.seed), **common)
   # Both students: the same init seed and the same batches.
@@ -106,7 +107,7 @@ def run_experiment_phase(config: Any, workdir: str, phase: str, data: Data, mesh
                  init_params=(lambda: hf.load_params(init, s_cfg, mesh, rules)) if init else None,
                  make_train_iter=lambda: data.make_train_iter(config.seed + 1),
                  val_loss_fn=lambda p: evaluate.held_out_loss(s_cfg, p, data.val_batches,
-                                                              placement))
+                                                              placement, chunk))
   if phase == "distilled":
     return _run_distilled(config, workdir, data, student, common)
   return _train(**student, **common)
@@ -158,7 +159,8 @@ def evaluate_phases(config: Any, workdir: str, data: Data, teacher: loop.Teacher
   for phase, p in params.items():
     cfg, model_rules = (teacher.cfg, teacher.rules) if phase == "teacher" else (s_cfg, rules)
     placement = evaluate.Placement(mesh, model_rules, teacher.rules)
-    metrics = evaluate.evaluate(cfg, p, teacher.cfg, teacher.params, data.eval_batches, placement)
+    metrics = evaluate.evaluate(cfg, p, teacher.cfg, teacher.params, data.eval_batches, placement,
+                                int(config.data.get("eval_chunk_size", 0)))
     metrics["params"] = sum(x.size for x in jax.tree.leaves(lora.merged(cfg, p)))
     summary[phase] = metrics
     texts[phase] = samples(config, cfg, p, data.tokenizer, mesh)

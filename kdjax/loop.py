@@ -188,7 +188,8 @@ def train_phase(spec: PhaseSpec) -> PhaseResult:
       train.make_train_step(spec.model_cfg, tx, schedule, t_cfg=teacher and teacher.cfg,
                             distill=distill,
                             grad_accum_steps=int(spec.train_cfg.grad_accum_steps),
-                            rules=rules, t_rules=teacher and (teacher.rules or rules)),
+                            rules=rules, t_rules=teacher and (teacher.rules or rules),
+                            loss_chunk_size=int(getattr(spec.train_cfg, "loss_chunk_size", 0))),
       state_shardings, teacher.shardings if teacher else None, mesh)
   # Every process computes the same replicated metrics; only process 0 writes them.
   log = MetricLog(phase_dir, phase=phase, start_step=start, total_steps=total,

@@ -46,7 +46,7 @@ from kdjax.student_options import DENSE_LAYERS, LoraConfig, QuantConfig  # noqa:
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")  # gelu is the tanh approximation
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shapes and numerics of one decoder. `head_dim=0` means d_model // num_heads."""
@@ -213,7 +213,12 @@ class Embed(nn.Embed):
 def _remat(block_cls, cfg: ModelConfig):
   if cfg.remat_policy == "none":
     return block_cls
-  policy = None if cfg.remat_policy == "full" else jax.checkpoint_policies.checkpoint_dots
+  # 'dots' keeps every matmul's output, attention's [B, H, L, L] scores among them (where no
+  # fused kernel runs); 'dots_no_batch' keeps the weight matmuls' outputs only and recomputes
+  # attention, which is what long rows at large batch need.
+  policy = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
+            "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            }[cfg.remat_policy]
   # Under scan, CSE across iterations cannot happen, so prevent_cse only costs speed.
   return nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
 

@@ -100,10 +100,11 @@ def generate(cfg: ModelConfig, params, prompt_BxP: jax.Array, *, max_new_tokens:
   kwargs = dict(cfg=cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 top_p=top_p, record_topk=record_topk)
   if mesh is None:
-    return _generate(params, prompt_BxP, prompt_lengths_B, jax.random.key_data(rng), **kwargs)
+    return generate_step(params, prompt_BxP, prompt_lengths_B, jax.random.key_data(rng),
+                         **kwargs)
   rep = sharding.replicated(mesh)
   with jax.set_mesh(mesh):
-    return _generate(params, sharding.global_array(np.asarray(prompt_BxP), rep),
+    return generate_step(params, sharding.global_array(np.asarray(prompt_BxP), rep),
                      sharding.global_array(prompt_lengths_B, rep),
                      sharding.global_array(np.asarray(jax.random.key_data(rng)), rep), **kwargs)
 
@@ -220,9 +221,10 @@ def decode_spans(max_new_tokens: int, num_layers: int = 1) -> list[tuple[int, in
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "record_topk"))
-def _generate(params, prompt_BxP, prompt_lengths_B, rng_data, *, cfg: ModelConfig,
-              max_new_tokens: int, temperature: float, top_k: int | None,
-              top_p: float | None, record_topk: int = 0):
+def generate_step(params, prompt_BxP, prompt_lengths_B, rng_data, *, cfg: ModelConfig,
+                  max_new_tokens: int, temperature: float, top_k: int | None,
+                  top_p: float | None, record_topk: int = 0):
+  """`generate` compiled: its arrays placed, its settings static (kdjax.aot lowers it too)."""
   out = decode(params, prompt_BxP, prompt_lengths_B, jax.random.wrap_key_data(rng_data),
                cfg=cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                top_p=top_p, record_topk=record_topk)

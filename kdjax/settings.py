@@ -83,13 +83,18 @@ class TrainSettings:
   b1: float = 0.9
   b2: float = 0.95
   grad_accum_steps: int = 1  # micro-batches per step; must divide the per-device batch
+  # > 0: the phase's cross-entropy runs from final hidden states this many tokens at a time, so
+  # no [B, L, V] logits are held (large vocabularies); distillation chunks by
+  # distill.loss_chunk_size instead.
+  loss_chunk_size: int = 0
 
   @classmethod
   def from_config(cls, tc: Any) -> "TrainSettings":
     return cls(steps=int(tc.steps), learning_rate=float(tc.learning_rate),
                warmup_steps=int(tc.warmup_steps), end_lr_fraction=float(tc.end_lr_fraction),
                weight_decay=float(tc.weight_decay), grad_clip=float(tc.grad_clip),
-               b1=float(tc.b1), b2=float(tc.b2), grad_accum_steps=int(tc.grad_accum_steps))
+               b1=float(tc.b1), b2=float(tc.b2), grad_accum_steps=int(tc.grad_accum_steps),
+               loss_chunk_size=int(tc.get("loss_chunk_size", 0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +143,13 @@ class DataSettings:
   eval_batch_size: int = 32
   eval_batches: int = 24
   val_batches: int = 8
+  # > 0: evaluation and validation reduce the logits this many tokens at a time, never holding
+  # [B, L, V] of them (kdjax.evaluate); 0 = whole batches.
+  eval_chunk_size: int = 0
 
   @classmethod
   def from_config(cls, d: Any) -> "DataSettings":
-    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+    return cls(**_present(cls, d))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,7 +172,8 @@ def _spec(config: Any, workdir: str, phase: str, cfg: ModelConfig, train: Any, s
       phase=phase, phase_dir=os.path.join(workdir, phase), model_cfg=cfg,
       train_cfg=TrainSettings.from_config(train), seed=seed, mesh=mesh, rules=rules,
       make_train_iter=make_iter, tokens_per_step=int(d.batch_size) * int(d.seq_len),
-      val_loss_fn=lambda p: evaluate.held_out_loss(cfg, p, data.val_batches, placement),
+      val_loss_fn=lambda p: evaluate.held_out_loss(cfg, p, data.val_batches, placement,
+                                                   int(d.get("eval_chunk_size", 0))),
       **experiment.phase_kwargs(config), **extra)
 
 

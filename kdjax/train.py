@@ -16,6 +16,7 @@ counter `state.step`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -154,7 +155,8 @@ def step_keys(rng_data: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | None = None,
                     distill: DistillSettings | None = None, grad_accum_steps: int = 1,
-                    rules: sharding.Rules | None = None, t_rules: sharding.Rules | None = None):
+                    rules: sharding.Rules | None = None, t_rules: sharding.Rules | None = None,
+                    loss_chunk_size: int = 0):
   """The pure step `train_step(state, teacher_params, batch) -> (state, metrics)`.
 
   Args:
@@ -164,16 +166,20 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
     grad_accum_steps: micro-batches per step (`accumulate`).
     rules, t_rules: the student's and teacher's activation sharding rules (None: the compiler
       propagates shardings from the params alone).
+    loss_chunk_size: the cross-entropy objective's chunk in tokens (the phase's
+      TrainSettings.loss_chunk_size; a distillation loss chunks by `distill.loss_chunk_size`).
   Returns:
     train_step; its metrics hold the objective's, grad_norm, learning_rate, the NaN-guard
     counters, the scheduled settings by name, and 'on_policy' when on-policy is on.
   """
-  objective, teacher_forward, on_policy = _build(s_cfg, t_cfg, distill, rules, t_rules)
+  build = functools.partial(_build, t_cfg=t_cfg, distill=distill, rules=rules, t_rules=t_rules,
+                            ce_chunk_size=loss_chunk_size)
+  objective, teacher_forward, on_policy = build(s_cfg)
   grad_fn = make_grad_fn(objective, teacher_forward)
   if s_cfg.quant.weight and s_cfg.quant.start_step > 0:
     float_cfg = dataclasses.replace(s_cfg, quant=QuantConfig())
     grad_fn = delayed_quantization(
-        make_grad_fn(_build(float_cfg, t_cfg, distill, rules, t_rules)[0], teacher_forward),
+        make_grad_fn(build(float_cfg)[0], teacher_forward),
         grad_fn, s_cfg.quant.start_step)
   if on_policy is None:
     micro_grad_fn = lambda tr, tp, batch, step, is_on_policy, key, frozen: grad_fn(
@@ -202,9 +208,9 @@ def make_train_step(s_cfg: ModelConfig, tx, schedule, *, t_cfg: ModelConfig | No
   return train_step
 
 
-def _build(s_cfg, t_cfg, distill, rules, t_rules):
+def _build(s_cfg, *, t_cfg, distill, rules, t_rules, ce_chunk_size):
   """(objective, teacher_forward or None, on-policy settings or None), checked."""
-  objective = objectives.make(s_cfg, distill, t_cfg, rules)
+  objective = objectives.make(s_cfg, distill, t_cfg, rules, ce_chunk_size)
   on_policy = distill.on_policy if distill is not None else None
   if on_policy is not None:
     objective.with_on_policy()  # refuses objectives without a live teacher, before tracing

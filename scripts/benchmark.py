@@ -29,7 +29,7 @@ backward, AdamW update, donated state) on random tokens of the config's batch sh
 teacher params. Compilation and `--warmup` steps are excluded; `step_ms` is the median of
 `--steps` timed steps, each waited for before the next starts.
 
-FLOPs per token (forward = 2 per multiply-add; backward = 2x forward):
+FLOPs per token (kdjax.flops; forward = 2 per multiply-add; backward = 2x forward):
 
   flops_per_token = 6 N_s + 2 N_t + 12 S_s d_s L + 4 S_t d_t L
 
@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from kdjax import decode_speed, experiment, hf, losses, optim, sharding, train
+from kdjax import decode_speed, experiment, flops, hf, losses, optim, sharding, train
 from kdjax.model import ModelConfig, Transformer
 from kdjax.settings import DistillSettings
 from kdjax.state import create_train_state, init_params, param_shardings
@@ -93,40 +93,9 @@ _GEN_KV_HEADS = flags.DEFINE_integer("gen_kv_heads", 8, "Generate: key/value hea
 _GEN_MLP = flags.DEFINE_integer("gen_mlp", 1408, "Generate: SwiGLU MLP width.")
 _GEN_TIE = flags.DEFINE_bool("gen_tie", False, "Generate: tie the embeddings.")
 
-# Dense peak FLOP/s from vendor data sheets, by device_kind substring and compute dtype.
-DATASHEET = {
-    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12,
-    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 67e12,
-    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
-    ("TPU v4", "bfloat16"): 275e12, ("TPU v5 lite", "bfloat16"): 197e12,
-    ("TPU v5e", "bfloat16"): 197e12, ("TPU v5p", "bfloat16"): 459e12,
-    ("TPU v6", "bfloat16"): 918e12,
-}
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-  """Weights that enter a matmul: every kernel, and the (tied or untied) unembedding."""
-  shapes = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(
-      jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"])
-  # By name, not by rank: under nn.scan the norm scales are stacked into 2-D arrays too.
-  n = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(shapes)
-          if getattr(path[-1], "key", None) in ("kernel", "embedding"))
-  # The untied input embedding is only looked up; a tied one is also the unembedding.
-  return n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
-
-
-def flops_per_token(s_cfg: ModelConfig, t_cfg: ModelConfig | None, seq_len: int) -> float:
-  flops = (6 * matmul_params(s_cfg)
-           + 12 * s_cfg.num_layers * s_cfg.num_heads * s_cfg.head_size * seq_len)
-  if t_cfg is not None:
-    flops += (2 * matmul_params(t_cfg)
-              + 4 * t_cfg.num_layers * t_cfg.num_heads * t_cfg.head_size * seq_len)
-  return float(flops)
-
-
 def peak_flops(dtype: str) -> tuple[float, str]:
   device = jax.devices()[0]
-  for (kind, dt), value in DATASHEET.items():
+  for (kind, dt), value in flops.DATASHEET.items():
     if kind in device.device_kind and dt == dtype:
       return value, f"data sheet ({device.device_kind}, {dtype})"
   # The best of several runs: the peak is what the machine can do, and a shared machine's noise
@@ -191,7 +160,7 @@ def benchmark(config) -> dict:
 
   step_s = statistics.median(times)
   tokens_per_sec = b * l / step_s
-  fpt = flops_per_token(s_cfg, t_cfg, l)
+  fpt = flops.flops_per_token(s_cfg, t_cfg, l)
   peak, peak_source = peak_flops(s_cfg.dtype)
   memory, memory_source = peak_memory_bytes()
   return {

@@ -6,6 +6,8 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Both test workers may load libtpu to compile for a TPU target (tests/test_compile_for.py).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # One persistent compilation cache for the session, shared with every subprocess the tests start
 # (they inherit the environment): the many runs of the same smoke steps compile once. It starts
 # empty and is removed at exit, so no run depends on another session's executables.
@@ -38,6 +40,17 @@ def pytest_collection_finish(session):
     if background is not None and "worker" in getattr(item, "fixturenames", ()):
       background.start()
       session.config.stash.setdefault(_BACKGROUND, set()).add(background)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `targets` (tens of minutes of the TPU compiler) run only when the -m
+  expression names them: `pytest -m targets`. Deselected, not skipped, elsewhere."""
+  if "targets" in (config.option.markexpr or ""):
+    return
+  kept = [item for item in items if item.get_closest_marker("targets") is None]
+  if len(kept) < len(items):
+    config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+    items[:] = kept
 
 
 def pytest_sessionfinish(session):

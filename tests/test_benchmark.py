@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from configs import bench_cpu
+from kdjax import flops
 from kdjax.model import ModelConfig
 from support import scripts_loader
 
@@ -22,11 +23,11 @@ def test_flops_per_token_of_bench_cpu_by_hand():
   n_s = 4 * (4 * 256**2 + 3 * 256 * 704) + 256 * 8192
   n_t = 8 * (4 * 512**2 + 3 * 512 * 1408) + 512 * 8192
   attention = 12 * 4 * 256 * 256 + 4 * 8 * 512 * 256  # student fwd+bwd, teacher fwd; L = 256
-  assert benchmark.matmul_params(s) == n_s and benchmark.matmul_params(t) == n_t
-  assert benchmark.flops_per_token(s, t, 256) == 6 * n_s + 2 * n_t + attention
+  assert flops.matmul_params(s) == n_s and flops.matmul_params(t) == n_t
+  assert flops.flops_per_token(s, t, 256) == 6 * n_s + 2 * n_t + attention
   # A tied embedding is the unembedding too: counted once.
   tied = ModelConfig.from_dict({**config.student, "tie_embeddings": True})
-  assert benchmark.matmul_params(tied) == n_s
+  assert flops.matmul_params(tied) == n_s
 
 
 @pytest.mark.slow

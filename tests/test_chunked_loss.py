@@ -138,6 +138,45 @@ def test_chunked_loss_never_holds_full_logits():
   assert chunked <= 8 * chunk * v * 4 and chunked < full_logits / 4
 
 
+@pytest.mark.parametrize("chunk_size", [5, 8, 64])
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_chunked_cross_entropy_equals_autodiff_of_the_plain_loss(chunk_size, softcap):
+  s_h, s_w, _, _, labels, mask = _inputs()
+
+  def plain(h, w):  # full logits, and JAX's autodiff: no code shared with the chunked path
+    logits = jnp.einsum("bld,dv->blv", h, w)
+    if softcap:
+      logits = softcap * jnp.tanh(logits / softcap)
+    return losses.cross_entropy(logits, labels, mask)
+
+  def chunked(h, w):
+    return losses.chunked_cross_entropy(h, w, labels, mask, chunk_size=chunk_size,
+                                        logit_softcap=softcap)
+
+  want, want_grads = jax.value_and_grad(plain, argnums=(0, 1))(s_h, s_w)
+  (got, metrics), got_grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1),
+                                                         has_aux=True))(s_h, s_w)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert metrics["hard_loss"] == got and metrics["num_tokens"] == mask.sum()
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_cross_entropy_never_holds_full_logits():
+  v, length, d, chunk = 8192, 2048, 32, 64
+  args = (jnp.zeros((1, length, d)), jnp.zeros((d, v)), jnp.zeros((1, length), jnp.int32),
+          jnp.ones((1, length)))
+
+  def temp(chunk_size):
+    grad = jax.jit(jax.grad(lambda h, w, y, m: losses.chunked_cross_entropy(
+        h, w, y, m, chunk_size=chunk_size)[0], argnums=(0, 1)))
+    return grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  full_logits = length * v * 4
+  assert temp(0) >= full_logits
+  assert temp(chunk) <= 8 * chunk * v * 4 and temp(chunk) < full_logits / 4
+
+
 def _hellinger_BxL(s_logp_BxLxV, t_logp_BxLxV, *, beta, skew):
   """Squared Hellinger distance: a divergence kdjax lacks, registered only by this test."""
   del beta, skew

@@ -8,10 +8,10 @@ anything; then the per-device bytes of params + optimizer state (+ the frozen te
 frozen_teacher dtype and sharding) are summed from the derived shardings. Nothing reads the
 config's paths (teacher_hf, student_init, data): they may be placeholders.
 
-To print those bytes for every config and preset (or the named configs), and with --compile an
-estimate of the compiled step's temporaries too (_compiled_temp_bytes), from the repository root:
+To print those bytes for every config and preset (or the named configs), from the repository
+root (what the target's own compiler adds: scripts/compile_for.py):
 
-  python -m tests.test_configs [--compile] [NAME ...]
+  python -m tests.test_configs [NAME ...]
 """
 
 import glob
@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kdjax import config_check, experiment, hf, optim, preflight, settings, sharding, train
+from kdjax import aot_steps, config_check, experiment, hf, optim, preflight, sharding
 from kdjax.model import ModelConfig, Transformer
-from kdjax.settings import DistillSettings
 from kdjax.state import abstract_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,59 +43,16 @@ def _abstract_state(model_cfg, tc, mesh, rules):
   return tx, like, shardings
 
 
-def _with_shardings(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-def _phases(config) -> tuple[str, ...]:
-  """The phases config.mode trains, plus 'distilled' whenever there is a teacher to distill from
-  (trained in this run, a checkpoint or a Hugging Face model): only a plain 'scratch' run has
-  none. 'eval' trains nothing but holds the same frozen teacher."""
-  phases = preflight.phases_to_run(config)
-  has_teacher = (config.mode != "scratch" or config.teacher_checkpoint
-                 or config.get("teacher_hf", ""))
-  return tuple(p for p in experiment.PHASES if p in phases or (p == "distilled" and has_teacher))
-
-
-def _phase_step(config, mesh, rules, phase):
-  """(train_step, its abstract sharded args (state, teacher params, batch), per-device bytes)
-  of one phase on `mesh`. The bytes are {'state': the trained model's params + optimizer state,
-  'teacher': the frozen teacher's params (0 without one)}."""
-  d = config.data
-  teacher_cfg = ModelConfig.from_dict(config.teacher)
-  model_cfg, tc = ((teacher_cfg, config.teacher_train) if phase == "teacher"
-                   else (settings.student_model(config), config.student_train))
-  tx, state, state_sh = _abstract_state(model_cfg, tc, mesh, rules)
-  used = {"state": sharding.per_device_bytes(state, state_sh), "teacher": 0}
-  t_cfg = t_rules = t_params = None
-  if phase == "distilled":
-    # The teacher as distillation holds it: frozen_teacher's dtypes and sharding rules.
-    t_cfg, t_rules = experiment.frozen_teacher_settings(config, rules)
-    t_like = jax.eval_shape(lambda: Transformer(t_cfg).init(
-        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    t_sh = sharding.logical_shardings(t_like, mesh, t_rules)
-    t_params = _with_shardings(nn.meta.unbox(t_like), t_sh)
-    used["teacher"] = sharding.per_device_bytes(nn.meta.unbox(t_like), t_sh)
-  step = train.make_train_step(
-      model_cfg, tx, optim.make_schedule(tc), t_cfg=t_cfg,
-      distill=DistillSettings.from_config(config.distill) if t_cfg else None,
-      grad_accum_steps=tc.grad_accum_steps, rules=rules, t_rules=t_rules)
-  batch = {k: jax.ShapeDtypeStruct((d.batch_size, d.seq_len),
-                                   jnp.float32 if k == "mask" else jnp.int32,
-                                   sharding=sharding.batch_sharding(mesh))
-           for k in ("inputs", "targets", "segment_ids", "positions", "mask")}
-  return step, (_with_shardings(state, state_sh), t_params, batch), used
-
-
 def _phase_bytes(config, mesh, rules, phase) -> dict[str, int]:
-  """Per-device bytes of one phase's state (see _phase_step), after tracing its whole step."""
-  step, args, used = _phase_step(config, mesh, rules, phase)
+  """Per-device bytes of one phase's state {'state': the trained model's params + optimizer
+  state, 'teacher': the frozen teacher's params (0 without one)}, after tracing its whole step
+  (kdjax.aot_steps builds it as a run would)."""
+  program = aot_steps.train_program(config, mesh, rules, phase)
   with jax.sharding.use_abstract_mesh(mesh):
-    new_state, metrics = jax.eval_shape(step, *args)
-  assert jax.tree.structure(new_state) == jax.tree.structure(args[0])
+    new_state, metrics = jax.eval_shape(program.fn, *program.args)
+  assert jax.tree.structure(new_state) == jax.tree.structure(program.args[0])
   assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
-  return used
+  return {"state": program.state, "teacher": program.teacher}
 
 
 def _load(name, preset):
@@ -111,7 +67,8 @@ def _config_bytes(name, preset) -> tuple[object, dict[str, dict[str, int]]]:
   config = _load(name, preset)
   mesh = sharding.abstract_mesh(config.mesh, config.target.devices)
   rules = sharding.rules_from_config(config)
-  return config, {phase: _phase_bytes(config, mesh, rules, phase) for phase in _phases(config)}
+  return config, {phase: _phase_bytes(config, mesh, rules, phase)
+                  for phase in aot_steps.phases(config)}
 
 
 @pytest.mark.parametrize("name, preset", CASES)
@@ -226,35 +183,17 @@ def test_lm1b_is_sharded_not_replicated():
   assert frozen <= 2 * t_cfg.num_params() / 8 * 1.001
 
 
-def _compiled_temp_bytes(config, phase) -> int:
-  """Per-device temporaries of the phase's step as XLA:CPU compiles it for the target's device
-  count (fake CPU devices): activations, gradients, gathered weights, loss buffers. An estimate
-  for the accelerator, whose compiler fuses differently (and cuDNN's fused attention holds no
-  score matrix); far too slow for the test, so only `--compile` below computes it."""
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:config.target.devices])
-  step, args, _ = _phase_step(config, mesh, sharding.rules_from_config(config), phase)
-  shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-  jitted = train.jit_train_step(step, shardings_of(args[0]), shardings_of(args[1]), mesh).jitted
-  with jax.set_mesh(mesh):
-    return jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-
 if __name__ == "__main__":
-  # The per-device figures that the configs' docstrings quote (--compile: 5-20 s per phase).
+  # The per-device bytes of params, optimizer state and teacher of every config and preset (or
+  # the named configs); scripts/compile_for.py gives what the target's compiler adds.
   import sys
-  compile_too = "--compile" in sys.argv
-  names = [a for a in sys.argv[1:] if not a.startswith("--")]
-  cases = [(n, p) for n, p in CASES if not names or n in names]
-  if compile_too:  # read when JAX starts its CPU backend, which nothing has done yet
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                               f"device_count={max(_load(n, p).target.devices for n, p in cases)}")
+  names = sys.argv[1:]
   jax.config.update("jax_platforms", "cpu")  # as tests/conftest.py
-  print(f"{'config:preset':<36} {'phase':<10} {'state':>6} {'teacher':>7} {'total':>6} "
-        f"{'(temp)':>7} {'of':>4}  GiB per device")
-  for name, preset in cases:
+  print(f"{'config:preset':<36} {'phase':<10} {'state':>6} {'teacher':>7} {'total':>6} {'of':>4}"
+        "  GiB per device")
+  for name, preset in [(n, p) for n, p in CASES if not names or n in names]:
     config, used = _config_bytes(name, preset)
     for phase, parts in used.items():
-      temp = f"{_compiled_temp_bytes(config, phase) / 2**30:>7.2f}" if compile_too else " " * 7
       print(f"{name + ':' + preset:<36} {phase:<10} {parts['state'] / 2**30:>6.2f} "
-            f"{parts['teacher'] / 2**30:>7.2f} {sum(parts.values()) / 2**30:>6.2f} {temp} "
+            f"{parts['teacher'] / 2**30:>7.2f} {sum(parts.values()) / 2**30:>6.2f} "
             f"{config.target.memory_gib:>4.0f}", flush=True)

@@ -34,7 +34,9 @@ def _log_softmax(x):
 
 
 @pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
-def test_metrics_equal_a_direct_numpy_computation_over_all_tokens():
+# chunk_size 6 of a 2 x 8 batch: 3 positions per row, a ragged last chunk of padding.
+@pytest.mark.parametrize("chunk_size", [0, 6])
+def test_metrics_equal_a_direct_numpy_computation_over_all_tokens(chunk_size):
   rng = np.random.default_rng(0)
   # jit: one compile per model instead of one per operation of an eager forward.
   s_apply, t_apply = jax.jit(Transformer(S_CFG).apply), jax.jit(Transformer(T_CFG).apply)
@@ -43,7 +45,7 @@ def test_metrics_equal_a_direct_numpy_computation_over_all_tokens():
   t_params = jax.jit(Transformer(T_CFG).init)(jax.random.key(1),
                                               jnp.zeros((1, 4), jnp.int32))["params"]
   batches = _batches(rng)
-  got = evaluate.evaluate(S_CFG, s_params, T_CFG, t_params, batches)
+  got = evaluate.evaluate(S_CFG, s_params, T_CFG, t_params, batches, chunk_size=chunk_size)
 
   nll, agree, agree5, kl, correct, conf, n = [], [], [], [], [], [], 0
   for batch in batches:
@@ -63,6 +65,9 @@ def test_metrics_equal_a_direct_numpy_computation_over_all_tokens():
     n += int(real.sum())
   np.testing.assert_allclose(got["loss"], np.mean(nll), rtol=1e-5)
   np.testing.assert_allclose(got["ppl"], math.exp(np.mean(nll)), rtol=1e-5)
+  np.testing.assert_allclose(evaluate.held_out_loss(S_CFG, s_params, batches,
+                                                    chunk_size=chunk_size), np.mean(nll),
+                             rtol=1e-5)
   np.testing.assert_allclose(got["top1_agreement"], np.mean(agree), rtol=1e-6)
   np.testing.assert_allclose(got["accuracy"], np.mean(correct), rtol=1e-6)
   np.testing.assert_allclose(got["kl_to_teacher"], np.mean(kl), rtol=1e-4, atol=1e-6)
@@ -76,6 +81,6 @@ def test_metrics_equal_a_direct_numpy_computation_over_all_tokens():
   np.testing.assert_allclose(got["ece"], ece, rtol=1e-5, atol=1e-7)
   assert got["tokens"] == n
 
-  self_eval = evaluate.evaluate(T_CFG, t_params, T_CFG, t_params, batches)
+  self_eval = evaluate.evaluate(T_CFG, t_params, T_CFG, t_params, batches, chunk_size=chunk_size)
   assert self_eval["top1_agreement"] == 1.0 and abs(self_eval["kl_to_teacher"]) < 1e-6
   assert self_eval["top5_agreement"] == 1.0

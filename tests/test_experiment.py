@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from configs import shakespeare as shakespeare_config
-from kdjax import config_check, experiment, inputs, sharding
+from kdjax import config_check, experiment, inputs, preflight, sharding
 from support import fake_corpus
 
 pytestmark = pytest.mark.slow
@@ -280,10 +280,25 @@ def test_resume_check_allows_logging_changes_and_scopes_fields_by_phase(smoke_co
   current["log_every"], current["checkpoint_every"], current["progress_bar"] = 1, 7, True
   current["data"]["eval_batches"] = 2
   current["distill"]["temperature"] = 4.0  # matters to 'distilled' only
-  config_check.check_resume(saved, current, "teacher", "w/teacher")
-  config_check.check_resume(saved, current, "scratch", "w/scratch")
+  preflight.check_resume(saved, current, "teacher", "w/teacher")
+  preflight.check_resume(saved, current, "scratch", "w/scratch")
   with pytest.raises(config_check.ConfigError, match="distill.temperature"):
-    config_check.check_resume(saved, current, "distilled", "w/distilled")
+    preflight.check_resume(saved, current, "distilled", "w/distilled")
+
+
+def test_runs_saved_before_the_chunked_cross_entropy_still_resume(smoke_config):
+  saved = json.loads(smoke_config.to_json())
+  for section in ("teacher_train", "student_train"):
+    del saved[section]["loss_chunk_size"]
+  del saved["data"]["eval_chunk_size"]
+  current = json.loads(smoke_config.to_json())
+  current["data"]["eval_chunk_size"] = 64  # evaluation only: no phase's math
+  for phase in ("teacher", "distilled", "scratch"):
+    preflight.check_resume(saved, current, phase, f"w/{phase}")
+  current["student_train"]["loss_chunk_size"] = 64
+  preflight.check_resume(saved, current, "teacher", "w/teacher")
+  with pytest.raises(config_check.ConfigError, match="student_train.loss_chunk_size: 0 -> 64"):
+    preflight.check_resume(saved, current, "scratch", "w/scratch")
 
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_resumes(smoke_config, tmp_path):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import shakespeare
-from kdjax import checkpoint, config_check, features, loop, losses, objectives, optim, sharding, train
+from kdjax import (checkpoint, config_check, features, loop, losses, objectives, optim,
+                   preflight, sharding, train)
 from kdjax.model import ModelConfig, Transformer
 from kdjax.settings import DistillSettings
 from kdjax.state import abstract_train_state, create_train_state, init_params, param_shardings
@@ -323,7 +324,7 @@ def test_runs_saved_before_these_fields_still_resume():
   for key in ("feature_weight", "feature_loss", "feature_layers", "attention_weight",
               "alpha_schedule", "temperature_schedule", "feature_weight_schedule"):
     del saved["distill"][key]
-  config_check.check_resume(saved, current, "distilled", "w/distilled")
+  preflight.check_resume(saved, current, "distilled", "w/distilled")
   current["distill"]["feature_weight"] = 0.5
   with pytest.raises(config_check.ConfigError, match="distill.feature_weight: 0.0 -> 0.5"):
-    config_check.check_resume(saved, current, "distilled", "w/distilled")
+    preflight.check_resume(saved, current, "distilled", "w/distilled")

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import gkd, losses, optim, sample, sharding, train
+from kdjax import gkd, losses, optim, preflight, sample, sharding, train
 from kdjax.model import ModelConfig, Transformer
 from kdjax.settings import DistillSettings
 from kdjax.state import create_train_state, init_params
@@ -328,7 +328,7 @@ def test_runs_saved_before_these_fields_still_resume():
   for key in ("teacher_cache", "cache_estimator", "on_policy_fraction", "on_policy_prompt_tokens",
               "on_policy_new_tokens", "on_policy_temperature", "sequence_data"):
     del saved["distill"][key]
-  config_check.check_resume(saved, current, "distilled", "w/distilled")
+  preflight.check_resume(saved, current, "distilled", "w/distilled")
   current["distill"]["on_policy_fraction"] = 0.5
   with pytest.raises(config_check.ConfigError, match="distill.on_policy_fraction: 0.0 -> 0.5"):
-    config_check.check_resume(saved, current, "distilled", "w/distilled")
+    preflight.check_resume(saved, current, "distilled", "w/distilled")

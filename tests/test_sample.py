@@ -328,7 +328,7 @@ def _cache_copies_in_decode_loops(cfg, batch):
   """Copies of a KV-cache-shaped array inside the compiled decode loops' bodies."""
   p = _init(cfg)
   prompt_BxP = jnp.zeros((batch, 4), jnp.int32)
-  hlo = sample._generate.lower(
+  hlo = sample.generate_step.lower(
       p, prompt_BxP, np.full((batch,), 4, np.int32), jax.random.key_data(jax.random.key(0)),
       cfg=cfg, max_new_tokens=40, temperature=0.0, top_k=None, top_p=None).compile().as_text()
   computations = {m.group(1): m.group(2) for m in re.finditer(

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from configs import word_problems
-from kdjax import task
+from kdjax import preflight, task
 from kdjax.config_check import ConfigError
 from kdjax.data.records import DataError
 
@@ -49,7 +49,6 @@ def test_bad_task_settings_are_refused_in_one_line(tmp_path):
 def test_a_changed_setting_refuses_to_resume_exactly_the_phases_it_alters(tmp_path):
   """A task run resumed with other settings: each phase whose math the change alters is refused
   in one line naming the field; the others resume; scoring settings alter no phase."""
-  from kdjax import config_check
   saved = json.loads(_config(tmp_path).to_json())
   changes = {  # field -> the phases it alters
       ("student_train", "learning_rate"): set(task.STUDENTS),
@@ -68,7 +67,7 @@ def test_a_changed_setting_refuses_to_resume_exactly_the_phases_it_alters(tmp_pa
     refused = set()
     for phase in ("teacher",) + task.STUDENTS:
       try:
-        config_check.check_resume(saved, current, phase, f"w/{phase}")
+        preflight.check_resume(saved, current, phase, f"w/{phase}")
       except ConfigError as e:
         assert f"{section}.{field}" in str(e) and "\n" not in str(e)
         refused.add(phase)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from kdjax import losses, objectives, optim, sharding, train
@@ -175,6 +176,27 @@ def test_chunked_loss_step_equals_plain_step(mesh, tied, softcap):
     out[chunk] = jax.jit(step)(state, t_params, batch)
   (plain, m0), (chunked, m1) = out[0], out[7]
   for key in ("loss", "soft_loss", "hard_loss", "grad_norm", "num_tokens"):
+    np.testing.assert_allclose(m1[key], m0[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+               chunked.params, plain.params)
+
+
+@pytest.mark.slow  # compiles whole training steps (or runs a subprocess): full suite only
+@pytest.mark.parametrize("tied, softcap", [(True, 0.0), (False, 20.0)])
+def test_chunked_cross_entropy_step_equals_plain_step(mesh, tied, softcap):
+  """TrainSettings.loss_chunk_size > 0 (a teacher or scratch phase): the same loss and update."""
+  s_cfg = dataclasses.replace(S_CFG, tie_embeddings=tied, logit_softcap=softcap)
+  # Plain SGD: the update is the gradient, scaled. Adam's first step divides each gradient
+  # element by its own magnitude, which turns the rounding of a near-zero one into a whole step.
+  tx, schedule = optax.sgd(0.5), optim.make_schedule(_train_cfg())
+  batch = _batch(6)
+  out = {}
+  for chunk in (0, 7):
+    state, _ = create_train_state(s_cfg, tx, 0, mesh, sharding.DEFAULT_RULES)
+    step = train.make_train_step(s_cfg, tx, schedule, loss_chunk_size=chunk)
+    out[chunk] = jax.jit(step)(state, None, batch)
+  (plain, m0), (chunked, m1) = out[0], out[7]
+  for key in ("loss", "hard_loss", "grad_norm", "num_tokens"):
     np.testing.assert_allclose(m1[key], m0[key], rtol=1e-5, err_msg=key)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
                chunked.params, plain.params)

@@ -10,7 +10,8 @@ over unmasked tokens).
                 the alpha blend distillation_loss, agreement and accuracy metrics, and the
                 masking and 0 log 0 = 0 primitives the other loss modules share
   chunked       chunked_distillation_loss: the same loss from final hidden states, fused with the
-                unembeddings and chunked over tokens under a custom VJP (no [B, L, V] logits)
+                unembeddings and chunked over tokens under a custom VJP (no [B, L, V] logits);
+                chunked_cross_entropy, the same without a teacher
   features      hidden_state_loss (HIDDEN_LOSSES) and attention_kl, for feature distillation
 
 Adding a divergence is one per-token function and one line in DIVERGENCES: soft_loss,
@@ -18,7 +19,8 @@ distillation_loss, the chunked loss and config_check (distill.loss) all read tha
 Everything is re-exported here, so callers write `from kdjax import losses; losses.forward_kl`.
 """
 
-from kdjax.losses.chunked import chunked_distillation_loss, logits_from_hidden
+from kdjax.losses.chunked import (chunked_cross_entropy, chunked_distillation_loss,
+                                  length_chunks, logits_from_hidden)
 from kdjax.losses.divergences import (DIVERGENCES, Divergence, blend, check_pair, cross_entropy,
                                       cross_entropy_BxL, distillation_loss, divergence,
                                       forward_kl, generalized_jsd, is_static, kl_BxL, log_probs,
@@ -29,8 +31,9 @@ from kdjax.losses.features import HIDDEN_LOSSES, attention_kl, hidden_state_loss
 
 __all__ = [
     "DIVERGENCES", "HIDDEN_LOSSES", "Divergence", "attention_kl", "blend", "check_pair",
-    "chunked_distillation_loss", "cross_entropy", "cross_entropy_BxL", "distillation_loss",
-    "divergence", "forward_kl", "generalized_jsd", "hidden_state_loss", "is_static", "kl_BxL",
-    "log_probs", "logits_from_hidden", "masked_mean", "reverse_kl", "shared_vocab", "skew_kl",
-    "skew_reverse_kl", "soft_loss", "token_accuracy", "top1_agreement", "tvd", "upcast",
+    "chunked_cross_entropy", "chunked_distillation_loss", "cross_entropy", "cross_entropy_BxL",
+    "distillation_loss", "divergence", "forward_kl", "generalized_jsd", "hidden_state_loss",
+    "is_static", "kl_BxL", "length_chunks", "log_probs", "logits_from_hidden", "masked_mean",
+    "reverse_kl", "shared_vocab", "skew_kl", "skew_reverse_kl", "soft_loss", "token_accuracy",
+    "top1_agreement", "tvd", "upcast",
 ]

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.losses.divergences import (blend, cross_entropy_BxL, distillation_loss, divergence,
-                                      is_static)
+from kdjax.losses.divergences import (blend, cross_entropy, cross_entropy_BxL, distillation_loss,
+                                      divergence, is_static)
 
 Array = jax.Array
 
@@ -81,6 +81,35 @@ def chunked_distillation_loss(s_hidden_BxLxD: Array, s_unembed_DxV: Array, t_hid
   return total, metrics
 
 
+def chunked_cross_entropy(hidden_BxLxD: Array, unembed_DxV: Array, labels_BxL: Array,
+                          mask_BxL: Array, *, chunk_size: int,
+                          logit_softcap: float = 0.0) -> tuple[Array, dict[str, Array]]:
+  """Next-token cross-entropy (the masked mean) from final hidden states, never holding [B, L, V]
+  logits: the fused loss above with alpha = 0 and no teacher, so per chunk one pass computes the
+  logits, the loss and its gradients. For training a model without a teacher (the teacher and
+  scratch phases) at large vocabularies. `chunk_size=0` is the plain computation.
+
+  Returns (loss, metrics) with 'loss', 'hard_loss' and 'num_tokens'.
+  """
+  if chunk_size < 0:
+    raise ValueError(f"chunk_size must be >= 0 (0 = unchunked), got {chunk_size}")
+  num_tokens = jnp.sum(mask_BxL.astype(jnp.float32))
+  if chunk_size == 0:
+    ce = cross_entropy(logits_from_hidden(hidden_BxLxD, unembed_DxV, logit_softcap), labels_BxL,
+                       mask_BxL)
+    return ce, {"loss": ce, "hard_loss": ce, "num_tokens": num_tokens}
+  if hidden_BxLxD.shape[:-1] != labels_BxL.shape or labels_BxL.shape != mask_BxL.shape:
+    raise ValueError(f"hidden {hidden_BxLxD.shape}, labels {labels_BxL.shape} and mask "
+                     f"{mask_BxL.shape} must share their leading [B, L] shape")
+  settings = _ChunkSettings("forward_kl", 1.0, 0.0, 0.5, 0.1, float(logit_softcap), 0.0,
+                            int(chunk_size))
+  knobs = (jnp.zeros((), jnp.float32),) * 2
+  total, _, hard = _fused_loss(settings, hidden_BxLxD, unembed_DxV, None, None, labels_BxL,
+                               mask_BxL, knobs)
+  return total, {"loss": total, "hard_loss": jax.lax.stop_gradient(hard),
+                 "num_tokens": num_tokens}
+
+
 class _ChunkSettings(NamedTuple):
   """The loss's static settings: hashable, so a custom_vjp can take them as nondiff_argnums."""
   loss: str  # a DIVERGENCES name
@@ -91,6 +120,15 @@ class _ChunkSettings(NamedTuple):
   s_softcap: float
   t_softcap: float
   chunk_size: int
+
+
+def length_chunks(xs, chunk_size: int):
+  """[B, L, ...] arrays (a pytree of them, sharing B and L) -> [Q, B, W, ...] chunks of about
+  `chunk_size` tokens: W = chunk_size / B positions of every row, zero-padded past L."""
+  b, length = jax.tree.leaves(xs)[0].shape[:2]
+  per_row = min(max(1, chunk_size // b), length)
+  padded_len = -(-length // per_row) * per_row
+  return jax.tree.map(lambda x: _chunks(x, per_row, padded_len), xs)
 
 
 def _chunks(x: Array, per_row: int, padded_len: int) -> Array:
@@ -104,6 +142,7 @@ def _fused_forward(cfg: _ChunkSettings, s_hidden_BxLxD, s_unembed_DxV, t_hidden_
                    t_unembed_DxV, labels_BxL, mask_BxL, knobs):
   """(total, soft mean, hard mean) and the gradients of total w.r.t. s_hidden and s_unembed.
 
+  No teacher (t_hidden and t_unembed None) needs alpha = 0: the cross-entropy alone.
   `knobs` = (alpha, temperature) float32 scalars, read only where `cfg` holds None for them.
 
   Chunks cut the length axis and keep the batch axis whole: a chunk is [B, chunk_size / B]
@@ -114,12 +153,14 @@ def _fused_forward(cfg: _ChunkSettings, s_hidden_BxLxD, s_unembed_DxV, t_hidden_
   padded_len = -(-length // per_row) * per_row
   mask_f32_BxL = mask_BxL.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(mask_f32_BxL), 1.0)
-  xs = tuple(_chunks(x, per_row, padded_len)
+  xs = tuple(None if x is None else _chunks(x, per_row, padded_len)
              for x in (s_hidden_BxLxD, t_hidden_BxLxD, labels_BxL, mask_f32_BxL))
   alpha = cfg.alpha if cfg.alpha is not None else knobs[0]
   temperature = cfg.temperature if cfg.temperature is not None else knobs[1]
-  step = functools.partial(_chunk_step, cfg, s_unembed_DxV, jax.lax.stop_gradient(t_unembed_DxV),
-                           alpha, temperature, denom)
+  if t_unembed_DxV is not None:
+    t_unembed_DxV = jax.lax.stop_gradient(t_unembed_DxV)
+  step = functools.partial(_chunk_step, cfg, s_unembed_DxV, t_unembed_DxV, alpha, temperature,
+                           denom)
   init = (jnp.zeros(s_unembed_DxV.shape, jnp.float32), jnp.zeros((), jnp.float32),
           jnp.zeros((), jnp.float32))
   (d_unembed_DxV, soft_sum, hard_sum), d_hidden_QxBxWxD = jax.lax.scan(step, init, xs)
@@ -135,8 +176,9 @@ def _chunk_step(cfg: _ChunkSettings, s_unembed_DxV, t_unembed_DxV, alpha, temper
   """One scan step: a chunk's loss sums and its gradients w.r.t. s_hidden and s_unembed."""
   d_unembed_DxV, soft_sum, hard_sum = carry
   s_h_BxWxD, t_h_BxWxD, labels_BxW, mask_BxW = chunk_xs
-  t_logits_BxWxV = logits_from_hidden(jax.lax.stop_gradient(t_h_BxWxD), t_unembed_DxV,
-                                      cfg.t_softcap)
+  t_logits_BxWxV = (None if t_h_BxWxD is None else
+                    logits_from_hidden(jax.lax.stop_gradient(t_h_BxWxD), t_unembed_DxV,
+                                       cfg.t_softcap))
   chunk_loss = functools.partial(_chunk_loss, cfg, alpha, temperature, denom, t_logits_BxWxV,
                                  labels_BxW, mask_BxW)
   # The matmuls run on the chunk's tokens flattened to 2-D (T = B * W): XLA:CPU contracts two
@@ -182,7 +224,9 @@ def _fused_loss_fwd(cfg, s_hidden, s_unembed, t_hidden, t_unembed, labels, mask,
   return out, (grads, zeros + (tuple(_zero_cotangent(k) for k in knobs),))
 
 
-def _zero_cotangent(x: Array):
+def _zero_cotangent(x: Array | None):
+  if x is None:  # no teacher: an empty pytree, whose cotangent is None too
+    return None
   if jnp.issubdtype(x.dtype, jnp.floating):
     return jnp.zeros_like(x)
   return np.zeros(x.shape, jax.dtypes.float0)  # integer labels, bool masks

@@ -31,8 +31,10 @@ __all__ = ["Objective", "TeacherNeeds", "make", "make_teacher_forward", "CachedT
 
 
 def make(s_cfg: ModelConfig, distill: DistillSettings | None = None,
-         t_cfg: ModelConfig | None = None, rules: sharding.Rules | None = None) -> Objective:
-  """The objective of a phase: cross-entropy without a teacher or cache; the cache's estimator
+         t_cfg: ModelConfig | None = None, rules: sharding.Rules | None = None,
+         ce_chunk_size: int = 0) -> Objective:
+  """The objective of a phase: cross-entropy without a teacher or cache (chunked over
+  `ce_chunk_size` tokens when > 0); the cache's estimator
   with `distill.cache_estimator`; else the logit loss (chunked when `distill.loss_chunk_size`),
   wrapped with feature terms when `distill` weights any."""
   if t_cfg is not None and distill is None:
@@ -45,7 +47,7 @@ def make(s_cfg: ModelConfig, distill: DistillSettings | None = None,
       raise ValueError("objectives.make: a teacher cache replaces the teacher; pass t_cfg=None.")
     return CachedTeacher(s_cfg, distill, rules)
   if distill is None or t_cfg is None:
-    return CrossEntropy(s_cfg, rules)
+    return CrossEntropy(s_cfg, rules, chunk_size=ce_chunk_size)
   if distill.loss_chunk_size > 0:
     logit_term = ChunkedLogits(s_cfg, distill, rules, t_softcap=t_cfg.logit_softcap)
   else:
