@@ -15,16 +15,17 @@ batch geometry and their hardware presets. Shared by all three:
   frozen teacher in bf16 (2 bytes/param), FSDP-sharded over every device, never in the optimizer.
 - remat 'full': only each layer's input is kept for the backward pass. 'dots' would also keep
   every layer's attention scores (XLA's attention and Gemma 2's soft-capped one are plain
-  matmuls): in XLA:CPU's estimate of the 8x H100 step, 79 GiB of temporaries per device for the
-  Gemma pair and 106 GiB for the Llama pair, against 31 and 30 GiB with 'full'.
+  matmuls), 2 GiB per layer at 2 rows of 4096 tokens.
 - memory: each config's docstring gives what one device holds in each program it runs, as the
   target's own compiler reports it (scripts/compile_for.py: XLA:GPU for the H100s, built with no
   cuDNN, so attention is XLA's and an upper bound; libtpu for TPU). 'state' is the model's f32
   params (+ Adam moments when it trains), 'teacher' the frozen bf16 teacher, 'temp' what the
   compiler adds (activations, gradients, gathered weights, loss chunks), 'peak' all of it at
-  once, 'of' the device's memory. No program holds [B, L, V] logits: the distillation loss, the
-  scratch baseline's cross-entropy (student_train.loss_chunk_size) and evaluation and
-  validation (data.eval_chunk_size) all run from final hidden states in chunks of tokens.
+  once, 'of' what one device offers (a TPU's HBM; on GPU the share JAX takes by default,
+  XLA_PYTHON_CLIENT_MEM_FRACTION = 0.75 of an H100's 79.1 GiB). No program holds [B, L, V]
+  logits: the distillation loss, the scratch baseline's cross-entropy
+  (student_train.loss_chunk_size) and evaluation and validation (data.eval_chunk_size) all run
+  from final hidden states in chunks of tokens.
 
 The scratch comparison (mode 'scratch') is the same student from the same published init on the
 same batches with cross-entropy alone: continued pretraining on C4 without the teacher. That

@@ -26,17 +26,21 @@ Memory per device, in GiB, by each target's own compiler (the columns: configs/_
   python scripts/compile_for.py --config=configs/gemma2_9b_to_2b.py
   python scripts/compile_for.py --config=configs/gemma2_9b_to_2b.py:v5p_32
 
-  preset   program            state teacher   temp   peak   of
-  ''       distilled           3.65    2.15  12.17  17.98   80
-  ''       scratch             3.65    0.00  11.23  14.88   80
-  ''       eval (student)      1.22    2.15   5.43   8.80   80
-  ''       val (student)       1.22    0.00   3.47   4.69   80
-  ''       sample (student)    1.22    0.00   1.10   2.32   80
-  v5p_32   distilled           1.83    1.08  11.37  14.28   95
-  v5p_32   scratch             1.83    0.00  10.31  12.14   95
-  v5p_32   eval (student)      0.61    1.08   3.42   5.11   95
-  v5p_32   val (student)       0.61    0.00   2.34   2.95   95
-  v5p_32   sample (student)    0.61    0.00   0.48   1.09   95
+  preset   program            state teacher   temp   peak     of
+  ''       distilled           3.65    2.15  12.17  17.98  59.3
+  ''       scratch             3.65    0.00  11.23  14.88  59.3
+  ''       val (student)       1.22    0.00   3.47   4.69  59.3
+  ''       eval (student)      1.22    2.15   5.43   8.80  59.3
+  ''       sample (student)    1.22    0.00   1.10   2.32  59.3
+  ''       eval (teacher)      2.15    0.00   5.23   9.53  59.3
+  ''       sample (teacher)    2.15    0.00   1.99   4.14  59.3
+  v5p_32   distilled           1.83    1.08  11.37  14.28  95.0
+  v5p_32   scratch             1.83    0.00  10.31  12.14  95.0
+  v5p_32   val (student)       0.61    0.00   2.34   2.95  95.0
+  v5p_32   eval (student)      0.61    1.08   3.42   5.11  95.0
+  v5p_32   sample (student)    0.61    0.00   0.48   1.09  95.0
+  v5p_32   eval (teacher)      1.08    0.00   3.45   5.60  95.0
+  v5p_32   sample (teacher)    1.08    0.00   1.30   2.38  95.0
 
 Most of 'temp' is attention: Gemma 2's soft-capped attention is not a fused kernel on any
 backend, so a layer holds f32 scores of 2 rows x 16 heads x 4096^2 (2 GiB) for the teacher and

@@ -10,9 +10,10 @@ The arg is comma-separated key=value pairs: `teacher` and `student` (model direc
 the student is the init of both students), `data` (a TFDS text dataset, default 'c4/en', which
 must already be prepared in data.data_dir), `devices` and `memory_gib` (the target hardware,
 default one 8-GPU host of 80 GiB) and `topology` (one of kdjax.aot.TARGETS, e.g. h100x8, for
-scripts/compile_for.py to compile every step for it before you run). Everything else is configs/_hf_distill.py's (mode 'distill',
-forward KL at T = 1, chunked loss, bf16 compute with f32 student params, a bf16 FSDP-sharded
-frozen teacher, remat 'full') and can be overridden as usual, e.g. --config.student_train.steps=.
+scripts/compile_for.py to compile every step for it before you run). Everything else is
+configs/_hf_distill.py's (mode 'distill', forward KL at T = 1, chunked loss, bf16 compute with
+f32 student params, a bf16 FSDP-sharded frozen teacher, remat 'full') and can be overridden as
+usual, e.g. --config.student_train.steps=.
 
 README.md ("Distilling a Hugging Face model") runs this end to end: prune, distill, export.
 Having no paths, it has no presets for tests/test_configs.py to build; tests/test_hf_flow.py runs

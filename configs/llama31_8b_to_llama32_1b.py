@@ -28,17 +28,21 @@ Memory per device, in GiB, by each target's own compiler (the columns: configs/_
   python scripts/compile_for.py --config=configs/llama31_8b_to_llama32_1b.py
   python scripts/compile_for.py --config=configs/llama31_8b_to_llama32_1b.py:v5e_64
 
-  preset   program            state teacher   temp   peak   of
-  ''       distilled           1.73    1.87  15.67  19.26   80
-  ''       scratch             1.73    0.00  14.98  16.70   80
-  ''       eval (student)      0.58    1.87   3.95   6.40   80
-  ''       val (student)       0.58    0.00   3.24   3.81   80
-  ''       sample (student)    0.58    0.00   0.53   1.10   80
-  v5e_64   distilled           0.22    0.23   3.25   3.70   16
-  v5e_64   scratch             0.22    0.00   2.42   2.64   16
-  v5e_64   eval (student)      0.07    0.23   2.01   2.32   16
-  v5e_64   val (student)       0.07    0.00   1.02   1.09   16
-  v5e_64   sample (student)    0.07    0.00   0.12   0.20   16
+  preset   program            state teacher   temp   peak     of
+  ''       distilled           1.73    1.87  15.67  19.27  59.3
+  ''       scratch             1.73    0.00  14.98  16.71  59.3
+  ''       val (student)       0.58    0.00   3.24   3.81  59.3
+  ''       eval (student)      0.58    1.87   3.95   6.40  59.3
+  ''       sample (student)    0.58    0.00   0.53   1.10  59.3
+  ''       eval (teacher)      1.87    0.00   4.31   8.05  59.3
+  ''       sample (teacher)    1.87    0.00   1.77   3.64  59.3
+  v5e_64   distilled           0.22    0.23   3.25   3.70  16.0
+  v5e_64   scratch             0.22    0.00   2.42   2.64  16.0
+  v5e_64   val (student)       0.07    0.00   1.02   1.09  16.0
+  v5e_64   eval (student)      0.07    0.23   2.01   2.32  16.0
+  v5e_64   sample (student)    0.07    0.00   0.12   0.20  16.0
+  v5e_64   eval (teacher)      0.23    0.00   2.97   3.44  16.0
+  v5e_64   sample (teacher)    0.23    0.00   0.32   0.56  16.0
 
 Before the first run: C4 (TFDS 'c4/en' 3.1.0, train and validation) must already be prepared as
 ArrayRecord in data.data_dir, e.g. `tfds build c4/en --file_format=array_record

@@ -18,7 +18,8 @@ written by all of them).
 
 Memory per device, in GiB, by each target's own compiler (XLA:GPU without cuDNN, so attention is
 XLA's, an upper bound; libtpu): 'state' is the model's f32 params (+ Adam moments when it trains),
-'teacher' the frozen bf16 teacher, 'temp' what the compiler adds, 'peak' all of it at once.
+'teacher' the frozen bf16 teacher, 'temp' what the compiler adds, 'peak' all of it at once,
+'of' what a device offers (on GPU JAX's default share, 75%).
 Remat 'dots_no_batch' keeps the weight matmuls' outputs and recomputes attention ('dots' kept
 every layer's f32 scores: the teacher step needed 108 GiB per H100 and was refused on v5e), and
 the cross-entropy and evaluation run chunked (no [B, L, V] logits).
@@ -26,25 +27,25 @@ the cross-entropy and evaluation run chunked (no [B, L, V] logits).
   python scripts/compile_for.py --config=configs/lm1b.py
   python scripts/compile_for.py --config=configs/lm1b.py:v5e_32
 
-  preset   program            state teacher   temp   peak   of
-  ''       teacher             1.41    0.00  32.42  33.83   80
-  ''       distilled           0.24    0.24  13.89  14.34   80
-  ''       scratch             0.24    0.00  13.89  14.11   80
-  ''       eval (teacher)      0.47    0.24   1.14   1.84   80
-  ''       val (teacher)       0.47    0.00   0.99   1.46   80
-  ''       sample (teacher)    0.47    0.00   0.47   0.94   80
-  ''       eval (student)      0.08    0.24   0.96   1.27   80
-  ''       val (student)       0.08    0.00   0.82   0.90   80
-  ''       sample (student)    0.08    0.00   0.07   0.15   80
-  v5e_32   teacher             1.41    0.00   9.50  10.91   16
-  v5e_32   distilled           0.24    0.06   3.89   4.19   16
-  v5e_32   scratch             0.24    0.00   3.86   4.09   16
-  v5e_32   eval (teacher)      0.47    0.06   0.76   1.29   16
-  v5e_32   val (teacher)       0.47    0.00   0.52   0.99   16
-  v5e_32   sample (teacher)    0.47    0.00   0.31   0.78   16
-  v5e_32   eval (student)      0.08    0.06   0.27   0.41   16
-  v5e_32   val (student)       0.08    0.00   0.14   0.21   16
-  v5e_32   sample (student)    0.08    0.00   0.05   0.15   16
+  preset   program            state teacher   temp   peak     of
+  ''       teacher             1.41    0.00  32.42  33.83  59.3
+  ''       distilled           0.24    0.24  13.89  14.36  59.3
+  ''       scratch             0.24    0.00  13.89  14.12  59.3
+  ''       val (teacher)       0.47    0.00   0.99   1.46  59.3
+  ''       val (student)       0.08    0.00   0.82   0.90  59.3
+  ''       eval (student)      0.08    0.24   0.96   1.27  59.3
+  ''       sample (student)    0.08    0.00   0.07   0.15  59.3
+  ''       eval (teacher)      0.24    0.00   1.05   1.52  59.3
+  ''       sample (teacher)    0.24    0.00   0.23   0.47  59.3
+  v5e_32   teacher             1.41    0.00   9.50  10.91  16.0
+  v5e_32   distilled           0.24    0.06   3.89   4.19  16.0
+  v5e_32   scratch             0.24    0.00   3.86   4.09  16.0
+  v5e_32   val (teacher)       0.47    0.00   0.52   0.99  16.0
+  v5e_32   val (student)       0.08    0.00   0.14   0.21  16.0
+  v5e_32   eval (student)      0.08    0.06   0.27   0.41  16.0
+  v5e_32   sample (student)    0.08    0.00   0.05   0.15  16.0
+  v5e_32   eval (teacher)      0.06    0.00   0.26   0.38  16.0
+  v5e_32   sample (teacher)    0.06    0.00   0.01   0.15  16.0
 
 The first run downloads and prepares LM1B through TFDS (about 1.7 GB) into data.data_dir; kdjax
 has not been run end to end on this config (it is far too large for CPU), only built, sized and

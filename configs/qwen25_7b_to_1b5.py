@@ -31,17 +31,21 @@ Memory per device, in GiB, by each target's own compiler (the columns: configs/_
   python scripts/compile_for.py --config=configs/qwen25_7b_to_1b5.py
   python scripts/compile_for.py --config=configs/qwen25_7b_to_1b5.py:v5e_32
 
-  preset   program            state teacher   temp   peak   of
-  ''       distilled           2.16    1.77   9.07  13.00   80
-  ''       scratch             2.16    0.00   7.73   9.88   80
-  ''       eval (student)      0.72    1.77   3.53   6.03   80
-  ''       val (student)       0.72    0.00   1.57   2.29   80
-  ''       sample (student)    0.72    0.00   0.67   1.39   80
-  v5e_32   distilled           0.54    0.44   3.82   4.80   16
-  v5e_32   scratch             0.54    0.00   2.81   3.35   16
-  v5e_32   eval (student)      0.18    0.44   2.13   2.76   16
-  v5e_32   val (student)       0.18    0.00   0.96   1.14   16
-  v5e_32   sample (student)    0.18    0.00   0.20   0.38   16
+  preset   program            state teacher   temp   peak     of
+  ''       distilled           2.16    1.77   9.07  13.00  59.3
+  ''       scratch             2.16    0.00   7.73   9.88  59.3
+  ''       val (student)       0.72    0.00   1.57   2.29  59.3
+  ''       eval (student)      0.72    1.77   3.53   6.03  59.3
+  ''       sample (student)    0.72    0.00   0.67   1.39  59.3
+  ''       eval (teacher)      1.77    0.00   3.97   7.51  59.3
+  ''       sample (teacher)    1.77    0.00   1.66   3.43  59.3
+  v5e_32   distilled           0.54    0.44   3.82   4.80  16.0
+  v5e_32   scratch             0.54    0.00   2.81   3.35  16.0
+  v5e_32   val (student)       0.18    0.00   0.96   1.14  16.0
+  v5e_32   eval (student)      0.18    0.44   2.13   2.76  16.0
+  v5e_32   sample (student)    0.18    0.00   0.20   0.38  16.0
+  v5e_32   eval (teacher)      0.44    0.00   3.11   4.00  16.0
+  v5e_32   sample (teacher)    0.44    0.00   0.57   1.01  16.0
 
 Before the first run: C4 (TFDS 'c4/en' 3.1.0, train and validation) must already be prepared as
 ArrayRecord in data.data_dir, e.g. `tfds build c4/en --file_format=array_record

@@ -218,7 +218,8 @@ class Runner:
     row = {}
     for split, batches in (("val", data.val_batches), ("test", data.eval_batches)):
       metrics = evaluate.evaluate(s_cfg, trained.params, teacher.cfg, teacher.params, batches,
-                                  placement, int(c.data.get("eval_chunk_size", 0)))
+                                  placement,
+                                  settings.DataSettings.from_config(c.data).eval_chunk_size)
       row.update({f"{split}_{k}": metrics[k] for k in METRICS})
     row.update(params=sum(x.size for x in jax.tree.leaves(lora.merged(s_cfg, trained.params))),
                train_tokens=int(c.student_train.steps) * data.tokens_per_step,

@@ -40,7 +40,7 @@ class Target:
   platform: str  # 'tpu' | 'cuda'
   topology: str  # libtpu's topology name, or the CUDA plugin's <slices>x<hosts>x<devices>
   devices: int
-  memory_gib: float  # HBM per device
+  memory_gib: float  # HBM per device (the GPU's as its target config gives it)
   peak_flops: float  # dense bf16 FLOP/s per device, from the data sheet (kdjax.flops)
   spec: str = ""  # GPU: XLA's target config text, a file in kdjax/targets
 
@@ -50,7 +50,8 @@ TARGETS = {
     "v5e-32": Target("TPU v5e-32", "tpu", "v5e:4x8", 32, 16.0, 197e12),
     "v5e-64": Target("TPU v5e-64", "tpu", "v5e:8x8", 64, 16.0, 197e12),
     "v5p-32": Target("TPU v5p-32", "tpu", "v5p:2x2x4", 16, 95.0, 459e12),
-    "h100x8": Target("8x NVIDIA H100 80GB", "cuda", "1x1x8", 8, 80.0, 989e12,
+    # h100_sxm.txtpb's device_memory_size, 84,942,979,072 bytes.
+    "h100x8": Target("8x NVIDIA H100 80GB", "cuda", "1x1x8", 8, 79.11, 989e12,
                      spec="h100_sxm.txtpb"),
 }
 
@@ -65,10 +66,23 @@ class Unavailable(RuntimeError):
   """The target's compiler is not installed here."""
 
 
+class TargetError(ValueError):
+  """No such target, or a config that disagrees with its own."""
+
+
 def target(key: str) -> Target:
   if key not in TARGETS:
-    raise ValueError(f"--target={key!r} is not a known target; use one of {sorted(TARGETS)}.")
+    raise TargetError(f"--target={key!r} is not a known target; use one of {sorted(TARGETS)}.")
   return TARGETS[key]
+
+
+def usable_gib(tgt: Target) -> float:
+  """What one device offers a program. A TPU's compiler checks its HBM itself. On GPU, JAX
+  reserves XLA_PYTHON_CLIENT_MEM_FRACTION of the card (0.75 unless set) and runs out of memory
+  past it, so a GPU step must fit that share: set the variable here as on the GPU machine."""
+  if tgt.platform != "cuda":
+    return tgt.memory_gib
+  return tgt.memory_gib * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
 
 
 def devices(tgt: Target) -> list[Any]:
@@ -95,7 +109,9 @@ class Row:
   batch: int
   temp: int = 0
   peak: int = 0
+  arguments: int = 0  # the compiler's own count of the argument bytes
   flops: float = 0.0
+  trains: bool = False  # a training step: MFU is for these
   error: str = ""  # the compiler's refusal (TPU), or why the peak does not fit (GPU)
 
   def fits(self) -> bool:
@@ -106,7 +122,7 @@ def compile_program(program, tgt: Target) -> Row:
   """Lowers and compiles one kdjax.aot_steps.Program for `tgt`; a refusal becomes the row's
   error, so that every phase gets its row."""
   base = dict(phase=program.phase, state=program.state, teacher=program.teacher,
-              batch=program.batch, flops=program.flops)
+              batch=program.batch, flops=program.flops, trains=program.trains)
   try:
     with jax.set_mesh(program.mesh):
       compiled = program.fn.lower(*program.args, **program.kwargs).compile()
@@ -122,10 +138,11 @@ def compile_program(program, tgt: Target) -> Row:
              mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes)
   error = ""
-  if peak > tgt.memory_gib * _GIB:
-    error = (f"peak {peak / _GIB:.2f} GiB exceeds the {tgt.memory_gib:.0f} GiB of one "
-             f"{tgt.name} device")
-  return Row(**base, temp=mem.temp_size_in_bytes, peak=peak, error=error)
+  if peak > usable_gib(tgt) * _GIB:
+    error = (f"peak {peak / _GIB:.2f} GiB exceeds the {usable_gib(tgt):.1f} GiB that one "
+             f"{tgt.name} device offers")
+  return Row(**base, temp=mem.temp_size_in_bytes, peak=peak,
+             arguments=mem.argument_size_in_bytes, error=error)
 
 
 def _first_line(message: str) -> str:
@@ -134,17 +151,19 @@ def _first_line(message: str) -> str:
 
 
 def table(rows: list[Row], tgt: Target, step_time: float | None = None) -> str:
-  """The per-device report. MFU at `step_time` seconds per step when given, else the fastest
-  step the data-sheet peak allows (at 100% MFU)."""
+  """The per-device report. The training steps' MFU at `step_time` seconds per step when given,
+  else the fastest step the data-sheet peak allows (at 100% MFU) for every program."""
   speed = "MFU" if step_time else "t@100%"
   lines = [f"{'phase':<16} {'state':>7} {'teacher':>7} {'batch':>7} {'temp':>7} {'peak':>7} "
            f"{'of':>5} {'free':>7} {'TFLOP/step':>11} {speed:>7}   (GiB per device)"]
   for r in rows:
     flops = f"{r.flops / 1e12:>11.1f}" if r.flops else f"{'-':>11}"
     ideal = r.flops / (tgt.peak_flops * tgt.devices) if r.flops else 0.0
-    rate = (f"{ideal / step_time:>7.1%}" if step_time else f"{ideal:>6.2f}s") if r.flops else ""
-    mem = (f"{r.temp / _GIB:>7.2f} {r.peak / _GIB:>7.2f} {tgt.memory_gib:>5.0f} "
-           f"{tgt.memory_gib - r.peak / _GIB:>7.2f}") if r.peak else f"{'':>29}"
+    rate = "" if not r.flops else f"{ideal:>6.2f}s" if not step_time else (
+        f"{ideal / step_time:>7.1%}" if r.trains else "")
+    usable = usable_gib(tgt)
+    mem = (f"{r.temp / _GIB:>7.2f} {r.peak / _GIB:>7.2f} {usable:>5.1f} "
+           f"{usable - r.peak / _GIB:>7.2f}") if r.peak else f"{'':>29}"
     lines.append(f"{r.phase:<16} {r.state / _GIB:>7.2f} {r.teacher / _GIB:>7.2f} "
                  f"{r.batch / _GIB:>7.2f} {mem} {flops} {rate:>7}"
                  + (f"\n  DOES NOT FIT: {r.error}" if r.error else ""))
@@ -152,24 +171,26 @@ def table(rows: list[Row], tgt: Target, step_time: float | None = None) -> str:
 
 
 def compile_config(config, target_key: str | None = None, step_time: float | None = None,
-                   out=sys.stdout) -> bool:
+                   out=sys.stdout) -> list[Row]:
   """Compiles every program of `config` for its target (config.target.topology, or
-  `target_key`), printing the table a row at a time; True when all of them fit."""
+  `target_key`), printing the table a row at a time; returns the rows."""
   key = target_key or config.target.get("topology", "")
   if not key:
-    raise ValueError("config.target.topology: the config names no target to compile for; set it "
-                     f"or pass --target (one of {sorted(TARGETS)}).")
+    raise TargetError("config.target.topology: the config names no target to compile for; set "
+                      f"it or pass --target (one of {sorted(TARGETS)}).")
   tgt = target(key)
   if not target_key and int(config.target.devices) != tgt.devices:
-    raise ValueError(f"config.target.devices: {config.target.devices}, but its topology {key!r} "
-                     f"has {tgt.devices}; make them agree.")
+    raise TargetError(f"config.target.devices: {config.target.devices}, but its topology "
+                      f"{key!r} has {tgt.devices}; make them agree.")
   config_check.check_config(config, tgt.devices, int(config.target.processes))
   mesh = sharding.make_mesh(config.mesh, devices(tgt))
-  print(f"{tgt.name} ({key}: {tgt.devices} devices of {tgt.memory_gib:.0f} GiB), mesh "
+  share = (f", JAX's share {usable_gib(tgt):.1f} GiB (XLA_PYTHON_CLIENT_MEM_FRACTION)"
+           if tgt.platform == "cuda" else "")
+  print(f"{tgt.name} ({key}: {tgt.devices} devices of {tgt.memory_gib:.1f} GiB{share}), mesh "
         f"{dict(mesh.shape)}", file=out, flush=True)
   rows = []
   for program in aot_steps.programs(config, mesh):
     rows.append(compile_program(program, tgt))
     lines = table(rows[-1:], tgt, step_time).split("\n")
     print("\n".join(lines if len(rows) == 1 else lines[1:]), file=out, flush=True)
-  return all(r.fits() for r in rows)
+  return rows

@@ -91,7 +91,7 @@ def run_experiment_phase(config: Any, workdir: str, phase: str, data: Data, mesh
   common = dict(phase=phase, phase_dir=os.path.join(workdir, phase), mesh=mesh, rules=rules,
                 tokens_per_step=data.tokens_per_step, **phase_kwargs(config))
   placement = evaluate.Placement(mesh, rules)
-  chunk = int(config.data.get("eval_chunk_size", 0))
+  chunk = settings.DataSettings.from_config(config.data).eval_chunk_size
   if phase == "teacher":
     t_cfg = ModelConfig.from_dict(config.teacher)
     return _train(model_cfg=t_cfg,
@@ -160,7 +160,7 @@ def evaluate_phases(config: Any, workdir: str, data: Data, teacher: loop.Teacher
     cfg, model_rules = (teacher.cfg, teacher.rules) if phase == "teacher" else (s_cfg, rules)
     placement = evaluate.Placement(mesh, model_rules, teacher.rules)
     metrics = evaluate.evaluate(cfg, p, teacher.cfg, teacher.params, data.eval_batches, placement,
-                                int(config.data.get("eval_chunk_size", 0)))
+                                settings.DataSettings.from_config(config.data).eval_chunk_size)
     metrics["params"] = sum(x.size for x in jax.tree.leaves(lora.merged(cfg, p)))
     summary[phase] = metrics
     texts[phase] = samples(config, cfg, p, data.tokenizer, mesh)

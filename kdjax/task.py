@@ -173,7 +173,7 @@ def _spec(config: Any, workdir: str, phase: str, cfg: ModelConfig, train: Any, s
       train_cfg=TrainSettings.from_config(train), seed=seed, mesh=mesh, rules=rules,
       make_train_iter=make_iter, tokens_per_step=int(d.batch_size) * int(d.seq_len),
       val_loss_fn=lambda p: evaluate.held_out_loss(cfg, p, data.val_batches, placement,
-                                                   int(d.get("eval_chunk_size", 0))),
+                                                   DataSettings.from_config(d).eval_chunk_size),
       **experiment.phase_kwargs(config), **extra)
 
 

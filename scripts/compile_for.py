@@ -16,9 +16,12 @@ sampling of each trained model, is built with the config's own mesh, rules, dtyp
 chunking over the target's compile-only devices and compiled by the target's compiler. One table:
 per device, params + optimizer state ('state'), the frozen teacher, the batch, the compiler's
 temporaries and peak, the device's memory and what is left; the step's FLOPs over all devices
-(kdjax.flops: the formula, since XLA counts a scanned layer once) and the MFU at --step_time
-seconds per step (without it, the step time at 100% MFU). Exit status 1 when any program does
-not fit, with the compiler's own message (TPU) or the peak against the card's memory (GPU).
+(kdjax.flops: the formula, since XLA counts a scanned layer once) and the training steps' MFU
+at --step_time seconds per step (without it, each program's time at 100% MFU). Exit status 1
+when any program does not fit, with the compiler's own message (TPU) or the peak against the
+share of the card that JAX takes (GPU: XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set; set it
+as the GPU machine will). Exit status 2, with one line, for a bad target or config or a missing
+compiler.
 Seconds to minutes per program on a laptop CPU (the TPU compiler takes longest).
 """
 
@@ -50,11 +53,11 @@ _STEP_TIME = flags.DEFINE_float("step_time", None, "Seconds per training step, f
 def main(argv):
   del argv
   try:
-    fits = aot.compile_config(_CONFIG.value, _TARGET.value, _STEP_TIME.value)
-  except (aot.Unavailable, ValueError, config_check.ConfigError) as e:
+    rows = aot.compile_config(_CONFIG.value, _TARGET.value, _STEP_TIME.value)
+  except (aot.Unavailable, aot.TargetError, config_check.ConfigError) as e:
     print(f"compile_for: {e}", file=sys.stderr)
     sys.exit(2)
-  sys.exit(0 if fits else 1)
+  sys.exit(0 if all(row.fits() for row in rows) else 1)
 
 
 if __name__ == "__main__":

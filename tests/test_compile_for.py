@@ -24,68 +24,58 @@ _GIB = 2**30
 
 
 def _scratch_only(**data):
-  """The smoke config's scratch mode (one training step, evaluation and validation; no samples)
-  with the batch geometry `data`."""
+  """The smoke config's scratch mode (one training step and validation) with the batch geometry
+  `data`, data-parallel over the target's devices."""
   config = shakespeare.get_config("smoke")
   config.mode = "scratch"
-  config.num_samples = 0
   config.data.update(data)
+  config.mesh.update(dict(data=-1, fsdp=1))
   return config
 
 
 def _report(config, target):
   out = io.StringIO()
-  fits = aot.compile_config(config, target, out=out)
-  return fits, out.getvalue()
-
-
-def _rows(text):
-  """{program: [state, teacher, batch, temp, peak, of, free]} from the printed table."""
-  rows = {}
-  for line in text.splitlines():
-    parts = line.rsplit(None, 9)
-    if len(parts) == 10 and parts[0].startswith(("scratch", "eval", "val", "teacher", "distil")):
-      rows[parts[0]] = [float(x) for x in parts[1:8]]
-  return rows
+  rows = aot.compile_config(config, target, out=out)
+  return {r.phase: r for r in rows}, out.getvalue()
 
 
 @pytest.mark.targets
 @pytest.mark.parametrize("target", ["v5e-4", "h100x8"])
 def test_a_step_that_fits_reports_the_compilers_bytes(target):
-  config = _scratch_only(batch_size=8, eval_batch_size=8)
-  config.mesh.update(dict(data=-1, fsdp=1))
-  fits, text = _report(config, target)
-  assert fits, text
-  rows = _rows(text)
-  assert set(rows) == {"scratch", "eval (student)", "val (student)"}, text
-  for name, (state, teacher, batch, temp, peak, memory, free) in rows.items():
-    # The compiler's live set holds at least the arguments the shardings say a device gets.
-    assert peak * _GIB >= (state + teacher + batch) * _GIB - 0.01 * _GIB, name
-    assert memory == aot.TARGETS[target].memory_gib and free == pytest.approx(memory - peak, abs=0.011)
+  rows, text = _report(_scratch_only(batch_size=8, eval_batch_size=8), target)
+  assert set(rows) == {"scratch", "val (student)"} and all(r.fits() for r in rows.values()), text
+  for name, r in rows.items():
+    # The compiler's own count of a device's argument bytes against what the derived shardings
+    # say it gets (the state's step counter, rng and guard scalars aside): exact on GPU; on TPU
+    # every array is padded to the (8, 128) tiles of its layout, which tiny arrays feel most.
+    shardings_say = r.state + r.teacher + r.batch
+    if target == "h100x8":
+      assert abs(r.arguments - shardings_say) <= 4096, (name, r)
+    else:
+      assert shardings_say <= r.arguments <= 2 * shardings_say, (name, r)
+  assert f"{rows['scratch'].peak / _GIB:.2f}" in text
 
 
 @pytest.mark.targets
 @pytest.mark.parametrize("target, refusal", [
     ("v5e-4", "RESOURCE_EXHAUSTED"),  # the TPU compiler refuses the program itself
-    ("h100x8", "exceeds the 80 GiB"),  # XLA:GPU compiles it; the peak is checked here
+    ("h100x8", "exceeds the 59.3 GiB"),  # XLA:GPU compiles it; JAX's 75% share is checked here
 ])
-def test_a_step_that_does_not_fit_fails_with_the_reason(target, refusal):
+def test_a_step_that_does_not_fit_fails_with_the_reason(target, refusal, monkeypatch):
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
   # 131072 rows of 512 tokens: the scratch step's float32 logits alone are 1 TiB (128 GiB per
   # device of 8).
-  config = _scratch_only(batch_size=131072, seq_len=512, eval_batch_size=8)
-  config.mesh.update(dict(data=-1, fsdp=1))
-  fits, text = _report(config, target)
-  assert not fits
-  line = next(l for l in text.splitlines() if "DOES NOT FIT" in l)
-  assert refusal in line, text
-  # Evaluation and validation still got their rows, and fit.
-  assert {"eval (student)", "val (student)"} <= set(_rows(text)), text
+  rows, text = _report(_scratch_only(batch_size=131072, seq_len=512, eval_batch_size=8), target)
+  assert not rows["scratch"].fits() and refusal in rows["scratch"].error, text
+  assert f"DOES NOT FIT: {rows['scratch'].error}" in text
+  # Validation still got its row, and fits.
+  assert rows["val (student)"].fits(), text
 
 
 @pytest.mark.targets
 def test_the_cli_exits_1_when_a_program_does_not_fit_and_2_on_a_bad_target():
   args = [sys.executable, "scripts/compile_for.py", "--config=configs/shakespeare.py:smoke",
-          "--config.mode=scratch", "--config.num_samples=0", "--config.data.batch_size=131072",
+          "--config.mode=scratch", "--config.data.batch_size=131072",
           "--config.data.seq_len=512", "--config.mesh.data=-1", "--config.mesh.fsdp=1"]
   env = scripts_loader.subprocess_env()
   out = subprocess.run(args + ["--target=h100x8"], capture_output=True, text=True, env=env,
@@ -114,8 +104,9 @@ _DECLARED = [(name, preset) for name, preset in CASES
 @pytest.mark.parametrize("name, preset", _DECLARED)
 def test_every_shipped_config_fits_its_declared_target(name, preset):
   config = importlib.import_module(f"configs.{name}").get_config(preset)
-  fits, text = _report(config, None)
+  rows, text = _report(config, None)
   print(f"{name}:{preset}\n{text}")
-  assert fits, text
-  rows = _rows(text)
-  assert {"distilled", "scratch", "eval (student)", "val (student)"} <= set(rows), text
+  assert all(r.fits() for r in rows.values()), text
+  assert {"distilled", "scratch", "val (student)", "eval (student)", "eval (teacher)"} <= set(rows)
+  if config.num_samples:
+    assert {"sample (student)", "sample (teacher)"} <= set(rows), text

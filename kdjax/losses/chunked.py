@@ -101,8 +101,9 @@ def chunked_cross_entropy(hidden_BxLxD: Array, unembed_DxV: Array, labels_BxL: A
   if hidden_BxLxD.shape[:-1] != labels_BxL.shape or labels_BxL.shape != mask_BxL.shape:
     raise ValueError(f"hidden {hidden_BxLxD.shape}, labels {labels_BxL.shape} and mask "
                      f"{mask_BxL.shape} must share their leading [B, L] shape")
-  settings = _ChunkSettings("forward_kl", 1.0, 0.0, 0.5, 0.1, float(logit_softcap), 0.0,
-                            int(chunk_size))
+  settings = _ChunkSettings(loss="forward_kl", temperature=1.0, alpha=0.0, beta=0.5, skew=0.1,
+                            s_softcap=float(logit_softcap), t_softcap=0.0,
+                            chunk_size=int(chunk_size))
   knobs = (jnp.zeros((), jnp.float32),) * 2
   total, _, hard = _fused_loss(settings, hidden_BxLxD, unembed_DxV, None, None, labels_BxL,
                                mask_BxL, knobs)
@@ -126,9 +127,14 @@ def length_chunks(xs, chunk_size: int):
   """[B, L, ...] arrays (a pytree of them, sharing B and L) -> [Q, B, W, ...] chunks of about
   `chunk_size` tokens: W = chunk_size / B positions of every row, zero-padded past L."""
   b, length = jax.tree.leaves(xs)[0].shape[:2]
-  per_row = min(max(1, chunk_size // b), length)
-  padded_len = -(-length // per_row) * per_row
+  per_row, padded_len = _chunk_geometry(b, length, chunk_size)
   return jax.tree.map(lambda x: _chunks(x, per_row, padded_len), xs)
+
+
+def _chunk_geometry(b: int, length: int, chunk_size: int) -> tuple[int, int]:
+  """(positions per row in a chunk, L padded to a multiple of it)."""
+  per_row = min(max(1, chunk_size // b), length)
+  return per_row, -(-length // per_row) * per_row
 
 
 def _chunks(x: Array, per_row: int, padded_len: int) -> Array:
@@ -149,12 +155,11 @@ def _fused_forward(cfg: _ChunkSettings, s_hidden_BxLxD, s_unembed_DxV, t_hidden_
   tokens, so with the batch sharded over devices each device works on its own rows.
   """
   b, length = labels_BxL.shape
-  per_row = min(max(1, cfg.chunk_size // b), length)
-  padded_len = -(-length // per_row) * per_row
+  _, padded_len = _chunk_geometry(b, length, cfg.chunk_size)
   mask_f32_BxL = mask_BxL.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(mask_f32_BxL), 1.0)
-  xs = tuple(None if x is None else _chunks(x, per_row, padded_len)
-             for x in (s_hidden_BxLxD, t_hidden_BxLxD, labels_BxL, mask_f32_BxL))
+  # No teacher (None) stays None: an empty pytree.
+  xs = length_chunks((s_hidden_BxLxD, t_hidden_BxLxD, labels_BxL, mask_f32_BxL), cfg.chunk_size)
   alpha = cfg.alpha if cfg.alpha is not None else knobs[0]
   temperature = cfg.temperature if cfg.temperature is not None else knobs[1]
   if t_unembed_DxV is not None:
