@@ -26,7 +26,7 @@ from typing import Any
 import jax
 from jax.experimental import topologies
 
-from kdjax import aot_steps, config_check, sharding
+from kdjax import aot_steps, config_check, flops, sharding
 
 _GIB = 2**30
 _SPECS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
@@ -41,17 +41,22 @@ class Target:
   topology: str  # libtpu's topology name, or the CUDA plugin's <slices>x<hosts>x<devices>
   devices: int
   memory_gib: float  # HBM per device (the GPU's as its target config gives it)
-  peak_flops: float  # dense bf16 FLOP/s per device, from the data sheet (kdjax.flops)
+  kind: str  # its name in kdjax.flops.DATASHEET
   spec: str = ""  # GPU: XLA's target config text, a file in kdjax/targets
+
+  @property
+  def peak_flops(self) -> float:
+    """Dense bf16 FLOP/s per device, from the data sheet."""
+    return flops.DATASHEET[(self.kind, "bfloat16")]
 
 
 TARGETS = {
-    "v5e-4": Target("TPU v5e-4", "tpu", "v5e:2x2", 4, 16.0, 197e12),
-    "v5e-32": Target("TPU v5e-32", "tpu", "v5e:4x8", 32, 16.0, 197e12),
-    "v5e-64": Target("TPU v5e-64", "tpu", "v5e:8x8", 64, 16.0, 197e12),
-    "v5p-32": Target("TPU v5p-32", "tpu", "v5p:2x2x4", 16, 95.0, 459e12),
+    "v5e-4": Target("TPU v5e-4", "tpu", "v5e:2x2", 4, 16.0, "TPU v5e"),
+    "v5e-32": Target("TPU v5e-32", "tpu", "v5e:4x8", 32, 16.0, "TPU v5e"),
+    "v5e-64": Target("TPU v5e-64", "tpu", "v5e:8x8", 64, 16.0, "TPU v5e"),
+    "v5p-32": Target("TPU v5p-32", "tpu", "v5p:2x2x4", 16, 95.0, "TPU v5p"),
     # h100_sxm.txtpb's device_memory_size, 84,942,979,072 bytes.
-    "h100x8": Target("8x NVIDIA H100 80GB", "cuda", "1x1x8", 8, 79.11, 989e12,
+    "h100x8": Target("8x NVIDIA H100 80GB", "cuda", "1x1x8", 8, 79.11, "H100",
                      spec="h100_sxm.txtpb"),
 }
 
@@ -157,7 +162,7 @@ def table(rows: list[Row], tgt: Target, step_time: float | None = None) -> str:
   lines = [f"{'phase':<16} {'state':>7} {'teacher':>7} {'batch':>7} {'temp':>7} {'peak':>7} "
            f"{'of':>5} {'free':>7} {'TFLOP/step':>11} {speed:>7}   (GiB per device)"]
   for r in rows:
-    flops = f"{r.flops / 1e12:>11.1f}" if r.flops else f"{'-':>11}"
+    tflop = f"{r.flops / 1e12:>11.1f}" if r.flops else f"{'-':>11}"
     ideal = r.flops / (tgt.peak_flops * tgt.devices) if r.flops else 0.0
     rate = "" if not r.flops else f"{ideal:>6.2f}s" if not step_time else (
         f"{ideal / step_time:>7.1%}" if r.trains else "")
@@ -165,7 +170,7 @@ def table(rows: list[Row], tgt: Target, step_time: float | None = None) -> str:
     mem = (f"{r.temp / _GIB:>7.2f} {r.peak / _GIB:>7.2f} {usable:>5.1f} "
            f"{usable - r.peak / _GIB:>7.2f}") if r.peak else f"{'':>29}"
     lines.append(f"{r.phase:<16} {r.state / _GIB:>7.2f} {r.teacher / _GIB:>7.2f} "
-                 f"{r.batch / _GIB:>7.2f} {mem} {flops} {rate:>7}"
+                 f"{r.batch / _GIB:>7.2f} {mem} {tflop} {rate:>7}"
                  + (f"\n  DOES NOT FIT: {r.error}" if r.error else ""))
   return "\n".join(lines)
 
