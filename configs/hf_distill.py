@@ -41,7 +41,8 @@ def _parse(arg: str | None) -> dict[str, str]:
 def _model(path: str) -> ml_collections.ConfigDict:
   """The directory's architecture in every model field, with kdjax's training numerics."""
   fields = {k: v for k, v in hf.model_config(path).__dict__.items()
-            if k not in ("dtype", "param_dtype", "remat_policy", "scan_layers")}
+            if k not in ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl",
+                         "attention_block_size")}
   return _hf_distill.published(**fields)
 
 

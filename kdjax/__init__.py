@@ -26,6 +26,8 @@ letter has one meaning throughout the package; module docstrings name the ones t
   W  positions of a row in one chunk of the chunked loss
   I  calibration bins (evaluate.ECE_BINS)
   U  units (heads, MLP neurons) a pruned layer keeps
+  Y  positions of a query block, Z of a key block (blockwise attention)
+  X  the keys up to a query block's end (blockwise attention)
 
 A digit after a letter changes it: K2 = K / 2 (RoPE's rotated pairs), L1 = L + 1, J1 = J + 1.
 Formulas in prose keep their usual symbols: T the temperature (p_T, T^2), k the top-k count.
@@ -33,12 +35,13 @@ Formulas in prose keep their usual symbols: T the temperature (p_T, T^2), k the 
 
 import os as _os
 
-# jaxlib 0.10.2's CPU backend miscompiles reductions and elementwise ops fused by YNNPACK: in
-# `a + b * sum(b * a, -1)` every element past 2**15 comes out wrong (seen as gradients leaking
-# across batch rows under vmap). Its dot fusion is correct and carries nearly all of the speed
-# (measured: teacher step 0.72 s with dot only, 0.66 s with all three, 0.97 s with none), so kdjax
-# keeps only that one. It takes effect if set before JAX starts its backend; a user's own setting
-# of the flag wins. tests/test_xla_guard.py pins the correct result.
+# jaxlib 0.10.2's CPU backend miscompiles YNNPACK's element-wise and reduce fusions (either kind
+# alone): in `x + w * sum(w * x, -1)`, w broadcast along x's leading axes, every row past the
+# first 2**15 elements comes out wrong (seen as gradients leaking across batch rows under vmap).
+# Its dot fusion is correct and carries the speed: on the benchmark step, turning the other two
+# kinds back on gave the same loss to the bit and no measurable gain (BENCHMARKS.md), so kdjax
+# keeps only dot. It takes effect if set before JAX starts its backend; a user's own setting of
+# the flag wins. tests/test_xla_guard.py pins the correct results.
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 if _YNN_FLAG not in _os.environ.get("XLA_FLAGS", ""):
   _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_YNN_FLAG}=dot").strip()

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.blockwise_attention import blockwise_attention
 from kdjax.layers import RMSNorm, dense_init, partitioned
 
 if TYPE_CHECKING:  # kdjax.model imports this module; the config and cache are only read here
@@ -246,13 +247,17 @@ class Attention(nn.Module):
       out_BxLxHxK = cached_attention(q_BxLxHxK, *kv_cache, mask_BxLxL, scale, cfg.attn_softcap)
       # The C slots in the full forward's layout, for the maps below.
       k_BxLxNxK = kv_cache[0].reshape(b, n, -1, k).transpose(0, 2, 1, 3)
+    elif cfg.attention_impl == "blockwise":  # kdjax.blockwise_attention
+      out_BxLxHxK = blockwise_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask_BxLxL, scale,
+                                        cfg.attention_block_size, cfg.attn_softcap)
     elif cfg.attn_softcap > 0:  # the fused kernel has no soft-cap
       out_BxLxHxK = _softcapped_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask_BxLxL, scale,
                                           cfg.attn_softcap)
-    else:  # JAX's fused attention: cuDNN's kernel on GPU where it applies, XLA's elsewhere
-      # (2x faster on CPU than the plain einsums it replaces).
+    else:  # JAX's fused attention: XLA's (2x faster on CPU than the plain einsums it replaces),
+      # or cuDNN's kernel when asked for ('cudnn': NVIDIA GPUs, bf16/fp16).
       out_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask=mask_BxLxL[:, None], scale=scale)
+          q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask=mask_BxLxL[:, None], scale=scale,
+          implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
     out_BxLxHxK = nn.with_logical_constraint(out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
     # Mean square of each head's output, for width pruning (kdjax.prune); a no-op unless the
     # 'intermediates' collection is mutable.

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from kdjax import losses, qwix_model, schedules, sharding
+from kdjax.blockwise_attention import ATTENTION_IMPLS
 from kdjax.data import records, sources
 from kdjax.model import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, REMAT_POLICIES, ModelConfig
 from kdjax.settings import FrozenTeacher, TrainSettings, distill_fields, student_model
@@ -67,6 +68,14 @@ def check_model(cfg: Any, prefix: str) -> ModelConfig:
   _require(m.norm in NORMS, f"{prefix}.norm", f"unknown {m.norm!r}; use one of {NORMS}.")
   _require(m.remat_policy in REMAT_POLICIES, f"{prefix}.remat_policy",
            f"unknown {m.remat_policy!r}; use one of {REMAT_POLICIES}.")
+  _require(m.attention_impl in ATTENTION_IMPLS, f"{prefix}.attention_impl",
+           f"unknown {m.attention_impl!r}; use one of {ATTENTION_IMPLS}.")
+  _require(isinstance(m.attention_block_size, int) and m.attention_block_size > 0,
+           f"{prefix}.attention_block_size",
+           "must be a positive number of positions (blockwise attention's block).")
+  _require(m.attention_impl != "cudnn" or (m.attn_softcap == 0 and m.dtype in (
+      "bfloat16", "float16")), f"{prefix}.attention_impl",
+           "'cudnn' needs dtype bfloat16 or float16 and no attn_softcap; use 'blockwise' or 'xla'.")
   for field in ("dtype", "param_dtype"):
     value = getattr(m, field)
     _require(_is_float_dtype(value), f"{prefix}.{field}",

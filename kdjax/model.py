@@ -68,6 +68,10 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  # How full-sequence attention runs (kdjax.blockwise_attention): 'xla', 'blockwise' (online
+  # softmax over key blocks of attention_block_size positions), or 'cudnn' (NVIDIA, bf16/fp16).
+  attention_impl: str = "xla"
+  attention_block_size: int = 128
   scan_layers: bool = True
   # Family features (see kdjax.hf); the defaults are a plain Llama-style decoder.
   qkv_bias: bool = False  # Qwen2, GPT-2

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 
 from kdjax import checkpoint, config_check, hf, teacher_cache
+from kdjax.blockwise_attention import ATTENTION_KERNEL_FIELDS
 from kdjax.config_check import ConfigError
 from kdjax.data import hf_tokenizer, teacher_text
 from kdjax.model import LoraConfig, ModelConfig, QuantConfig
@@ -79,7 +80,7 @@ _DATA_DEFAULTS = {
 PHASES = ("teacher", "distilled", "scratch")
 # Fields that placement and numerics may change freely: the rest decide a model's math.
 _FREE_MODEL_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "family", "quant",
-                      "lora")
+                      "lora", *ATTENTION_KERNEL_FIELDS)
 
 
 def preflight(config: Any, workdir: str, phases: tuple[str, ...] | None = None, *,
@@ -282,9 +283,11 @@ def check_resume(saved: dict, current: dict, phase: str, directory: str) -> None
     for key, value in _DISTILL_DEFAULTS.items():
       # A constant schedule ignores its end: an older run matches whatever end is set now.
       old.setdefault(key, new.get(key) if value is None else value)
+  kernels = {f"{section}.{field}" for section in ("teacher", "student")
+             for field in ATTENTION_KERNEL_FIELDS}
   changed = []
   for key in sorted(set(old) | set(new)):
-    if _alters(key, PHASE_FIELDS[phase]) and key not in _NON_MATH_DATA:
+    if _alters(key, PHASE_FIELDS[phase]) and key not in _NON_MATH_DATA | kernels:
       if old.get(key) != new.get(key):
         changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
   if changed:

@@ -1,11 +1,22 @@
-"""Times kdjax's compiled distillation step and prints one JSON line.
+"""Times kdjax's compiled distillation step and prints its figures as JSON lines.
 
   python scripts/benchmark.py --config=configs/bench_cpu.py
   python scripts/benchmark.py --config=configs/bench_cpu.py --config.distill.loss_chunk_size=0
   python scripts/benchmark.py --loss_table --vocab=32768,131072,262144 --loss_chunk_sizes=0,256
   python scripts/benchmark.py --generate --hf_peer --gen_batches=1,32 --steps=7
+  python scripts/benchmark.py --config=configs/bench_cpu.py --steps=15 --warmup=3 \
+      --peers=pytorch-eager,pytorch-compile,tunix --tunix_python=/path/to/tunix-venv/bin/python
+  python scripts/benchmark.py --config=configs/bench_cpu.py --profile=15
 
 Needs kdjax installed: `pip install -e .` in the repo root.
+
+`--peers` then times the same step written elsewhere, each in a subprocess of its own after
+kdjax's (scripts/peers/): Hugging Face Llama models in PyTorch, eager and under torch.compile
+(torch_step.py), and Google Tunix's DistillationTrainer with LogitStrategy (tunix_step.py, in the
+venv of requirements-tunix-peer.txt). One JSON line each, with the peer's tokens/s, its MFU by
+kdjax's FLOP count and measured peak, its peak memory (VmHWM) and kdjax_speedup (kdjax's tokens/s
+over the peer's). `--profile=N` also prints the step's N costliest XLA instructions and the
+per-kind total (scripts/xla_profile.py), after kdjax's line.
 
 `--generate` times greedy KV-cache generation instead (kdjax.decode_speed): a Llama-family model
 of the --gen_* sizes with random weights (seed 0), or --config's `config.<--gen_model>` (teacher
@@ -67,6 +78,19 @@ from kdjax.model import ModelConfig, Transformer
 from kdjax.settings import DistillSettings
 from kdjax.state import create_train_state, init_params, param_shardings
 
+
+def _sibling(path: str):
+  """A module of scripts/ loaded by path (this script is also loaded by path, by the tests)."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], os.path.join(os.path.dirname(__file__), path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+xla_profile = _sibling("xla_profile.py")
+peers_run = _sibling("peers/run.py")
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config to benchmark.",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
@@ -92,6 +116,12 @@ _GEN_HEADS = flags.DEFINE_integer("gen_heads", 8, "Generate: query heads.")
 _GEN_KV_HEADS = flags.DEFINE_integer("gen_kv_heads", 8, "Generate: key/value heads.")
 _GEN_MLP = flags.DEFINE_integer("gen_mlp", 1408, "Generate: SwiGLU MLP width.")
 _GEN_TIE = flags.DEFINE_bool("gen_tie", False, "Generate: tie the embeddings.")
+_PEERS = flags.DEFINE_list("peers", [], "After kdjax's step, time the same step in these "
+                           "(scripts/peers/run.py): pytorch-eager, pytorch-compile, tunix.")
+_TUNIX_PYTHON = flags.DEFINE_string("tunix_python", os.environ.get("TUNIX_PYTHON"),
+                                    "--peers=tunix: the Python of Tunix's own venv.")
+_PROFILE = flags.DEFINE_integer("profile", 0, "Also print the step's N costliest instructions "
+                                "(scripts/xla_profile.py), one JSON line each, after the result.")
 
 def peak_flops(dtype: str) -> tuple[float, str]:
   device = jax.devices()[0]
@@ -158,6 +188,13 @@ def benchmark(config) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
 
+  if _PROFILE.value:
+    def run_one_step():
+      nonlocal state
+      state, step_metrics = step(state, t_params, batch)
+      jax.block_until_ready(step_metrics)
+    profile_rows = xla_profile.profile(compiled.as_text(), run_one_step, top=_PROFILE.value)[0]
+
   step_s = statistics.median(times)
   tokens_per_sec = b * l / step_s
   fpt = flops.flops_per_token(s_cfg, t_cfg, l)
@@ -174,7 +211,7 @@ def benchmark(config) -> dict:
       "mfu": round(fpt * tokens_per_sec / peak, 4),
       "peak_memory_bytes": memory, "peak_memory_source": memory_source,
       "compile_s": round(compile_s, 2), "loss": float(metrics["loss"]),
-  }
+  }, (profile_rows if _PROFILE.value else [])
 
 
 def loss_row(vocab: int, chunk_size: int) -> dict:
@@ -236,11 +273,8 @@ def generation_rows():
   cfg, params, hf_dir = generation_model()
   p, a = _PROMPT_TOKENS.value, _MAX_NEW_TOKENS.value
   peer = model = None
-  if _HF_PEER.value:  # loaded by path: torch and transformers only when asked for
-    spec = importlib.util.spec_from_file_location(
-        "hf_generate_peer", os.path.join(os.path.dirname(__file__), "hf_generate_peer.py"))
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
+  if _HF_PEER.value:  # loaded only when asked for: it imports torch and transformers
+    peer = _sibling("hf_generate_peer.py")
     model = peer.load(cfg, params, hf_dir)
   for batch in map(int, _GEN_BATCHES.value):
     prompt_BxP = decode_speed.random_prompts(cfg, batch, p)
@@ -280,7 +314,23 @@ def main(argv):
     return
   if _CONFIG.value is None:
     raise app.UsageError("--config is required (or --loss_table, --generate).")
-  print(json.dumps(benchmark(_CONFIG.value)))
+  config = _CONFIG.value
+  s_cfg, t_cfg = ModelConfig.from_dict(config.student), ModelConfig.from_dict(config.teacher)
+  spec = peers_run.spec_from_config(config, s_cfg, t_cfg) if _PEERS.value else None
+  for peer in _PEERS.value:  # refused before anything runs
+    peers_run.command(peer, spec, 1, 0, s_cfg.dtype, _TUNIX_PYTHON.value)
+  row, profile_rows = benchmark(config)
+  print(json.dumps({"impl": "kdjax", **row}), flush=True)
+  for profile_row in profile_rows:
+    print(json.dumps(profile_row), flush=True)
+  for peer in _PEERS.value:
+    peer_row = peers_run.run(peer, spec, _STEPS.value, _WARMUP.value, s_cfg.dtype,
+                             _TUNIX_PYTHON.value)
+    if "tokens_per_sec" in peer_row:
+      peer_row["kdjax_speedup"] = round(row["tokens_per_sec"] / peer_row["tokens_per_sec"], 3)
+      peer_row["mfu"] = round(row["flops_per_token"] * peer_row["tokens_per_sec"]
+                              / row["peak_flops"], 4)
+    print(json.dumps({"impl": peer_row.pop("peer"), **peer_row}), flush=True)
 
 
 if __name__ == "__main__":

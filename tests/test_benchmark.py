@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import bench_cpu
@@ -31,16 +32,27 @@ def test_flops_per_token_of_bench_cpu_by_hand():
 
 
 @pytest.mark.slow
-def test_benchmark_prints_one_json_line_with_the_figures():
+def test_benchmark_prints_its_figures_then_the_profile_then_the_peers():
   out = subprocess.run(
       [sys.executable, "scripts/benchmark.py", "--config=configs/shakespeare.py:smoke",
-       "--steps=2", "--warmup=1", "--config.distill.loss_chunk_size=128"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
+       "--steps=2", "--warmup=1", "--config.distill.loss_chunk_size=128", "--profile=4",
+       "--peers=pytorch-eager"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=scripts_loader.subprocess_env(JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
-  lines = out.stdout.strip().splitlines()
-  assert len(lines) == 1
-  row = json.loads(lines[0])
+  lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
+  assert len(lines) == 1 + 5 + 1  # kdjax, 4 instructions and their total, the peer
+  row, profile, peer = lines[0], lines[1:6], lines[6]
+  assert row["impl"] == "kdjax"
+  # The profile: costliest first, each a real instruction of the step, the total row last.
+  assert [p["ms"] for p in profile[:4]] == sorted((p["ms"] for p in profile[:4]), reverse=True)
+  assert profile[4]["instruction"] == "(all instructions)" and profile[4]["ms"] >= profile[0]["ms"]
+  assert any("dot" in p["what"] for p in profile[:4])  # matmuls lead even at smoke shapes
+  # The peer ran the same shapes and its speed is compared with kdjax's.
+  assert peer["impl"] == "pytorch-eager" and (peer["batch"], peer["seq_len"]) == (8, 64)
+  assert peer["kdjax_speedup"] == pytest.approx(
+      row["tokens_per_sec"] / peer["tokens_per_sec"], rel=1e-2)
+  assert np.isfinite(peer["loss"])
   for key in ("tokens_per_sec", "step_ms", "flops_per_token", "achieved_flops", "peak_flops",
               "mfu", "peak_memory_bytes"):
     assert row[key] > 0, key
@@ -67,3 +79,31 @@ def test_generate_prints_one_line_per_batch_with_the_peers_figures():
       assert row[key] > 0, key
     assert row["ratio"] == pytest.approx(
         row["new_tokens_per_s"] / row["hf_new_tokens_per_s"], rel=0.02)
+
+
+def test_peers_get_the_configs_shapes_and_settings():
+  config = bench_cpu.get_config()
+  s, t = ModelConfig.from_dict(config.student), ModelConfig.from_dict(config.teacher)
+  spec = benchmark.peers_run.spec_from_config(config, s, t)
+  assert (spec["vocab"], spec["seq_len"], spec["batch"]) == (8192, 256, 8)
+  assert spec["teacher"]["d_model"] == 512 and spec["student"]["num_layers"] == 4
+  assert spec["teacher"]["head_dim"] == 64 and not spec["student"]["tie_embeddings"]
+  assert (spec["temperature"], spec["alpha"]) == (2.0, 0.5)
+  assert spec["optimizer"]["learning_rate"] == config.student_train.learning_rate
+
+
+def test_a_missing_tunix_venv_is_named_with_the_fix():
+  config = bench_cpu.get_config()
+  spec = benchmark.peers_run.spec_from_config(
+      config, ModelConfig.from_dict(config.student), ModelConfig.from_dict(config.teacher))
+  with pytest.raises(ValueError, match="--tunix_python: .*requirements-tunix-peer.txt"):
+    benchmark.peers_run.command("tunix", spec, 1, 0, "float32", "/nonexistent/python")
+  with pytest.raises(ValueError, match="--peers: unknown 'jax'"):
+    benchmark.peers_run.command("jax", spec, 1, 0, "float32", None)
+
+
+def test_peers_refuse_a_model_they_do_not_build():
+  config = bench_cpu.get_config()
+  s = ModelConfig.from_dict({**config.student, "qk_norm": True})
+  with pytest.raises(ValueError, match="--peers: config.student.qk_norm=True"):
+    benchmark.peers_run.spec_from_config(config, s, ModelConfig.from_dict(config.teacher))

@@ -16,11 +16,12 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import shakespeare as shakespeare_config
-from kdjax import config_check, experiment, inputs, preflight, sharding
+from kdjax import config_check, experiment, inputs, preflight, sharding, teacher_cache
 from support import fake_corpus
 
 pytestmark = pytest.mark.slow
@@ -299,6 +300,29 @@ def test_runs_saved_before_the_chunked_cross_entropy_still_resume(smoke_config):
   preflight.check_resume(saved, current, "teacher", "w/teacher")
   with pytest.raises(config_check.ConfigError, match="student_train.loss_chunk_size: 0 -> 64"):
     preflight.check_resume(saved, current, "scratch", "w/scratch")
+
+
+def test_a_run_resumes_under_another_attention_kernel_and_keeps_its_teacher_caches(
+    smoke_config, tmp_path):
+  """attention_impl and attention_block_size choose how attention is computed, not what."""
+  saved = json.loads(smoke_config.to_json())
+  for section in ("teacher", "student"):  # a run saved before these fields existed
+    del saved[section]["attention_impl"], saved[section]["attention_block_size"]
+  current = json.loads(smoke_config.to_json())
+  for section in ("teacher", "student"):
+    current[section].update(attention_impl="blockwise", attention_block_size=32)
+  for phase in ("teacher", "distilled", "scratch"):
+    preflight.check_resume(saved, current, phase, f"w/{phase}")
+  current["student"]["num_heads"] = 1  # a field of the math still counts
+  with pytest.raises(config_check.ConfigError, match="student.num_heads: .* -> 1"):
+    preflight.check_resume(saved, current, "distilled", "w/distilled")
+  other = ml_collections.ConfigDict(smoke_config.to_dict())
+  other.teacher.attention_impl = "blockwise"
+  assert (teacher_cache.teacher_fingerprint(other, str(tmp_path))
+          == teacher_cache.teacher_fingerprint(smoke_config, str(tmp_path)))
+  other.teacher.d_model = 2 * smoke_config.teacher.d_model
+  assert (teacher_cache.teacher_fingerprint(other, str(tmp_path))
+          != teacher_cache.teacher_fingerprint(smoke_config, str(tmp_path)))
 
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_resumes(smoke_config, tmp_path):

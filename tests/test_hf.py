@@ -7,6 +7,7 @@ Every weight is randomised (norm scales and biases too, which transformers initi
 real (unpadded) positions of a batch padded on the right and on the left; the tolerance is 1e-4 of the logit scale.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -322,3 +323,14 @@ def test_bf16_tensors_without_a_dtype_in_config_stay_bf16(tmp_path):
   cfg, params = hf.load_pretrained(str(tmp_path / "c"))
   assert cfg.param_dtype == "bfloat16"
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_how_attention_and_remat_run_do_not_stop_an_export():
+  """attention_impl, attention_block_size and remat_policy are not in config.json, and what
+  reads back is the same model; a field of the model's math still has to be expressible."""
+  cfg = hf.model_config(_hf_model("llama").config.to_dict())
+  runs_differently = dataclasses.replace(cfg, attention_impl="blockwise", attention_block_size=64,
+                                         remat_policy="dots")
+  assert hf.hf_config(runs_differently) == hf.hf_config(cfg)
+  with pytest.raises(hf.HFError, match="cannot express attn_softcap"):
+    hf.hf_config(dataclasses.replace(cfg, attn_softcap=30.0))

@@ -61,6 +61,14 @@ REF_RTOL = 1e-5
 SAME_RTOL, SAME_ATOL = 1e-5, 1e-6
 
 
+def reordered_sums_atol(logits):
+  """The absolute error of reordering f32 sums whose terms are no larger than the logits: an
+  element near zero that results from cancelling O(max |logit|) terms moves by a few ulps of
+  those terms (1.6e-6 seen on the 2-core AMD EPYC of December 7, logits up to 3.7), not of
+  itself. A unit cut that was not silent moves logits by orders of magnitude more."""
+  return 2e-6 * float(np.abs(logits).max())
+
+
 # ----------------------------------------------------------------------------- builders
 
 
@@ -361,14 +369,16 @@ def test_cutting_silent_units_leaves_the_logits_unchanged(name):
   s_cfg, s_params = prune.prune_width(cfg, teacher, scores, num_kv_heads=cfg.num_kv_heads - 1,
                                       num_heads=cfg.num_heads - g, mlp_dim=cfg.mlp_dim - 2)
   # ...and cutting them changes only the order of f32 sums: no term that was not zero is lost.
-  np.testing.assert_allclose(logits_of(s_cfg, s_params, toks), t_logits, SAME_RTOL, SAME_ATOL)
+  np.testing.assert_allclose(logits_of(s_cfg, s_params, toks), t_logits, SAME_RTOL,
+                             reordered_sums_atol(t_logits))
   if out_heads:
     # Head g+1's output projection is zero but its output is not, so its score is not: rank it
     # last in its group by hand. Groups 1.. (N = 2 here: group 1) then keep G - 1 heads each.
     scores["heads"][:, out_heads] = 0.0
     s_cfg, s_params = prune.prune_width(cfg, teacher, scores, num_kv_heads=cfg.num_kv_heads - 1,
                                         num_heads=(cfg.num_kv_heads - 1) * (g - 1))
-    np.testing.assert_allclose(logits_of(s_cfg, s_params, toks), t_logits, SAME_RTOL, SAME_ATOL)
+    np.testing.assert_allclose(logits_of(s_cfg, s_params, toks), t_logits, SAME_RTOL,
+                               reordered_sums_atol(t_logits))
 
 
 def test_width_arguments_are_checked():

@@ -236,8 +236,13 @@ def test_teacher_vocab_padding_rows_change_nothing(teacher_params, mesh, chunk):
   (loss, metrics), grads = loss_and_grad(T_CFG, teacher_params)
   (loss_p, metrics_p), grads_p = loss_and_grad(padded_cfg, padded)
   assert padded_cfg.vocab_size > S_CFG.vocab_size
-  np.testing.assert_array_equal(loss_p, loss)
-  jax.tree.map(np.testing.assert_array_equal, grads_p, grads)
+  # Equal to float32 rounding, not bitwise: XLA:CPU tiles the teacher's unembedding matmul by its
+  # output width, and on some CPUs (the 2-core AMD EPYC of December 7) V + 8 columns round the
+  # shared ones differently in the last bit. Padding rows that leaked (values ~5) would move the
+  # loss and gradients by orders of magnitude more than these bounds.
+  np.testing.assert_allclose(loss_p, loss, rtol=1e-6)
+  jax.tree.map(lambda p, g: np.testing.assert_allclose(
+      p, g, rtol=1e-5, atol=1e-6 * np.abs(g).max()), grads_p, grads)
 
 
 def test_a_teacher_cache_with_feature_terms_is_refused():

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.blockwise_attention import ATTENTION_KERNEL_FIELDS
 from kdjax.model import ModelConfig
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2")
@@ -230,7 +231,8 @@ def _check_expressible(cfg: ModelConfig, hf: dict[str, Any], family: str) -> Non
   back = model_config(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                       scan_layers=cfg.scan_layers)
   differ = [f.name for f in dataclasses.fields(ModelConfig)
-            if f.name not in ("family", "quant", "lora")  # Qwix settings: not in config.json
+            # Qwix settings and how the compute runs: not in config.json
+            if f.name not in ("family", "quant", "lora", "remat_policy", *ATTENTION_KERNEL_FIELDS)
             and getattr(back, f.name) != getattr(cfg, f.name)]
   if family == "gemma2":  # the scalar is an integer in config.json
     differ = [f for f in differ if not (f == "query_scale" and

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from kdjax.blockwise_attention import ATTENTION_KERNEL_FIELDS
 from kdjax.settings import FrozenTeacher, ModelSources
 from kdjax.teacher_cache import estimators
 
@@ -170,7 +171,9 @@ def teacher_fingerprint(config: Any, workdir: str) -> dict[str, Any]:
     source = {"teacher_checkpoint": os.path.abspath(given) if given else "<workdir>/teacher",
               "step": max(steps) if steps else None}
   frozen = FrozenTeacher.from_config(config)
-  described = {"teacher": config.teacher.to_dict(), "source": source,
+  # The attention kernel fields leave the teacher's outputs as they were (to float32 rounding).
+  teacher = {k: v for k, v in config.teacher.to_dict().items() if k not in ATTENTION_KERNEL_FIELDS}
+  described = {"teacher": teacher, "source": source,
                "dtype": frozen.dtype, "param_dtype": frozen.param_dtype}
   return {**described, "hash": _sha(described)}
 
