@@ -149,7 +149,8 @@ def peak_memory_bytes() -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
-def benchmark(config) -> dict:
+def benchmark(config) -> tuple[dict, list[dict]]:
+  """(the figures, the --profile rows: none without --profile)."""
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   s_cfg = ModelConfig.from_dict(config.student)
@@ -188,6 +189,7 @@ def benchmark(config) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
 
+  profile_rows = []
   if _PROFILE.value:
     def run_one_step():
       nonlocal state
@@ -211,7 +213,7 @@ def benchmark(config) -> dict:
       "mfu": round(fpt * tokens_per_sec / peak, 4),
       "peak_memory_bytes": memory, "peak_memory_source": memory_source,
       "compile_s": round(compile_s, 2), "loss": float(metrics["loss"]),
-  }, (profile_rows if _PROFILE.value else [])
+  }, profile_rows
 
 
 def loss_row(vocab: int, chunk_size: int) -> dict:
