@@ -107,3 +107,44 @@ def test_peers_refuse_a_model_they_do_not_build():
   s = ModelConfig.from_dict({**config.student, "qk_norm": True})
   with pytest.raises(ValueError, match="--peers: config.student.qk_norm=True"):
     benchmark.peers_run.spec_from_config(config, s, ModelConfig.from_dict(config.teacher))
+
+
+matmul_shapes = scripts_loader.load("matmul_shapes")
+
+
+def test_matmul_shapes_lists_every_matmul_of_the_bench_cpu_step_by_hand():
+  shapes = {(m, k, n): (roles, per_step)
+            for roles, m, k, n, per_step in matmul_shapes.step_shapes(bench_cpu.get_config())}
+  t = 8 * 256  # tokens of a step; the loss works on 8 chunks of 256 of them
+  # Per layer: q, k, v and out; gate and up; down. Teacher: 8 layers, forward only (frozen).
+  teacher = {(t, 512, 512): 4 * 8, (t, 512, 1408): 2 * 8, (t, 1408, 512): 8}
+  # Student: 4 layers, each weight's forward, dX = dY W^T and dW = X^T dY.
+  student = {(t, 256, 256): 2 * 4 * 4, (256, t, 256): 4 * 4,
+             (t, 256, 704): (2 + 1) * 4, (t, 704, 256): (1 + 2) * 4,
+             (256, t, 704): 2 * 4, (704, t, 256): 4}
+  loss = {(256, 512, 8192): 8, (256, 256, 8192): 8 + 8, (256, 8192, 256): 8}  # and dW, dX
+  expected = {(2048, 2048, 2048): 0, **teacher, **student, **loss}
+  assert {mkn: per_step for mkn, (_, per_step) in shapes.items()} == expected
+  assert shapes[(t, 512, 512)][0] == "teacher qkv, teacher out"
+  assert shapes[(256, 256, 8192)][0] == "student logits, student logits dW"  # D = chunk = 256
+  # Their FLOPs: the model matmuls of kdjax.flops' count (attention's own matmuls aside).
+  gflop = sum(2 * m * k * n * c for (m, k, n), c in expected.items()) / 1e9
+  s_body = 4 * (4 * 256 * 256 + 3 * 256 * 704)
+  t_body = 8 * (4 * 512 * 512 + 3 * 512 * 1408)
+  assert gflop == pytest.approx((6 * s_body * t + 2 * t_body * t + 6 * 256 * 8192 * t
+                                 + 2 * 512 * 8192 * t) / 1e9)
+
+
+def test_matmul_shapes_times_both_libraries_on_the_same_shape():
+  rows = matmul_shapes.time_shapes([("tiny", 64, 32, 48, 3), ("tiny too", 16, 8, 4, 1)], reps=3)
+  row = rows[0]
+  assert (row["shape"], row["roles"], row["per_step"]) == ("[64, 32] x [32, 48]", "tiny", 3)
+  assert row["jax_gflops"] > 0 and row["torch_gflops"] > 0
+  assert row["jax_over_torch"] == pytest.approx(row["jax_gflops"] / row["torch_gflops"], rel=0.01)
+  total = matmul_shapes.step_total(rows)
+  assert total["gflop"] == pytest.approx((3 * 2 * 64 * 32 * 48 + 2 * 16 * 8 * 4) / 1e9)
+  # At each library's rates: three calls of the first shape and one of the second.
+  for lib in ("jax", "torch"):
+    assert total[f"{lib}_ms"] == pytest.approx(
+        1e3 * 2 * (3 * 64 * 32 * 48 / rows[0][f"{lib}_gflops"] + 16 * 8 * 4 / rows[1][f"{lib}_gflops"])
+        / 1e9)
