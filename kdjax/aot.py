@@ -43,6 +43,8 @@ class Target:
   memory_gib: float  # HBM per device (the GPU's as its target config gives it)
   kind: str  # its name in kdjax.flops.DATASHEET
   spec: str = ""  # GPU: XLA's target config text, a file in kdjax/targets
+  # TPU: libtpu's topology options beyond the name, e.g. a single chip's host bounds.
+  tpu_options: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
   @property
   def peak_flops(self) -> float:
@@ -51,6 +53,9 @@ class Target:
 
 
 TARGETS = {
+    # One chip, as a Colab TPU runtime has it: libtpu's default host is 2x2 chips.
+    "v5e-1": Target("TPU v5e-1", "tpu", "v5e:1x1", 1, 16.0, "TPU v5e",
+                    tpu_options=(("chips_per_host_bounds", (1, 1, 1)),)),
     "v5e-4": Target("TPU v5e-4", "tpu", "v5e:2x2", 4, 16.0, "TPU v5e"),
     "v5e-32": Target("TPU v5e-32", "tpu", "v5e:4x8", 32, 16.0, "TPU v5e"),
     "v5e-64": Target("TPU v5e-64", "tpu", "v5e:8x8", 64, 16.0, "TPU v5e"),
@@ -96,7 +101,9 @@ def devices(tgt: Target) -> list[Any]:
   if importlib.util.find_spec(module) is None:
     raise Unavailable(f"compiling for {tgt.name} needs {module}: {how}")
   if tgt.platform == "tpu":
-    return list(topologies.get_topology_desc(topology_name=tgt.topology, platform="tpu").devices)
+    options = {name: list(value) for name, value in tgt.tpu_options}
+    return list(topologies.get_topology_desc(topology_name=tgt.topology, platform="tpu",
+                                             **options).devices)
   with open(os.path.join(_SPECS, tgt.spec)) as f:
     spec = f.read()
   return list(topologies.get_topology_desc(topology_name=tgt.name, platform="cuda",
