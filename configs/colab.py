@@ -2,21 +2,22 @@
 GPU, or the same pipeline at smoke sizes on a CPU. notebooks/tpu_colab.ipynb picks the preset
 from JAX's backend; from a shell:
 
-  python -m kdjax.main --config=configs/colab.py --workdir=/content/drive/MyDrive/kdjax/colab
+  python -m kdjax.main --config=configs/colab.py --workdir=/content/drive/MyDrive/kdjax/colab_tpu
   python -m kdjax.main --config=configs/colab.py:gpu --workdir=runs/colab_gpu
   python -m kdjax.main --config=configs/colab.py:smoke --workdir=runs/colab_smoke   # ~1 min, CPU
 
 Presets:
-  (none)  TPU v5e-1 (Colab's TPU runtime). LM1B (TFDS: downloaded and prepared on first use, a
-          one-time cost of tens of minutes on a Colab VM; keep data.data_dir on Drive to pay it
-          once), a 32768-piece tokenizer trained on the first 1M sentences, rows of 512 tokens,
-          64 per step. Teacher 101M params (d 768, 12 layers, 12 heads over 4 KV heads, SwiGLU
+  (none)  TPU v5e-1 (Colab's TPU runtime). LM1B (TFDS: downloaded and prepared on a VM's first
+          run; the notebook keeps it on the VM's disk and the tokenizer on Drive), a 32768-piece
+          tokenizer trained on the first 1M sentences, rows of 512 tokens, 64 per step. Teacher 101M params (d 768, 12 layers, 12 heads over 4 KV heads, SwiGLU
           2048, tied embeddings), student 22M (d 384, 6 layers, 6 over 2, SwiGLU 1024): 4.6x
           smaller. bf16 compute over f32 params, remat of the matmul outputs, the fused loss and
           cross-entropy in chunks of 4096 tokens, the frozen teacher in bf16, the batch over
           every device of the runtime (data parallel), a checkpoint every 250 steps.
-  gpu     The same models for a Colab GPU: 32 rows per step. bf16 needs an L4 or an A100 (compute
-          capability 8.0 or newer); on a T4 the notebook runs float32 instead, about 8x slower.
+  gpu     The same models for a Colab GPU: 32 rows per step in bf16, for an L4 (22.5 GB) or an
+          A100 (compute capability 8.0 or newer). A T4 has no bf16: `for_runtime` (which the
+          notebook calls) gives it float32 compute and 16 rows, and its own workdir. Neither is
+          compiled for its GPU here: kdjax.aot's GPU targets are H100s.
   smoke   Shakespeare at the smoke sizes of configs/shakespeare.py, with this file's settings
           (bf16, chunked losses, the data-parallel mesh): about a minute on a 2-core CPU. The
           tests run the notebook with it.
@@ -38,11 +39,11 @@ Every program of the TPU preset, compiled for one v5e chip by libtpu on a CPU ma
   eval (teacher)      0.19    0.00    0.00    1.69    2.07  16.0   13.93        14.4   0.07s
   sample (teacher)    0.19    0.00    0.00    0.16    0.34  16.0   15.66           -
 
-The compiler's peak is 10.4 GiB of the chip's 16 (the teacher's step). Expected step times at 40%
-MFU of v5e's 197 bf16 TFLOP/s (an assumption, not a measurement: no TPU was at hand): teacher
+The compiler's peak is 10.4 GiB of the chip's 16 (the teacher's step). TFLOP/step is kdjax.flops'
+count for the compiled step (XLA counts a scanned layer once). Expected step times at 40% MFU of
+v5e's 197 bf16 TFLOP/s (an assumption, not a measurement: no TPU was at hand): teacher
 0.27 s (4000 steps: 18 min), distilled 0.15 s (10 min), scratch 0.06 s (4 min), so about 35
-minutes of training, plus a compile per program (about a minute each) and LM1B's first
-preparation.
+minutes of training, plus a compile per program and LM1B's preparation on a new VM.
 """
 
 from kdjax import cli
@@ -56,7 +57,7 @@ PRESETS = ("", "gpu", "smoke")
 def get_config(arg=None):
   """A Colab runtime's distillation; `arg` is '' (TPU v5e-1), 'gpu' or 'smoke' (CPU):
 
-    python -m kdjax.main --config=configs/colab.py --workdir=/content/drive/MyDrive/kdjax/colab
+    python -m kdjax.main --config=configs/colab.py --workdir=/content/drive/MyDrive/kdjax/colab_tpu
   """
   if arg not in (None, *PRESETS):
     raise ValueError(f"configs/colab.py: unknown preset {arg!r}; use one of {PRESETS}.")
@@ -88,6 +89,27 @@ def get_config(arg=None):
     # A T4 has 15 GiB; an L4 22.5. No compile target: XLA's GPU configs here are H100s.
     config.target.update(dict(name="Colab GPU (T4 or L4)", memory_gib=15.0, topology=""))
   return config
+
+
+def for_runtime(backend: str, compute_capability: str | None = None):
+  """(run name, config) for the runtime JAX found: the preset by backend ('tpu' -> '', 'gpu' ->
+  'gpu', anything else -> 'smoke'); on a GPU of compute capability below 8.0 (a T4: no bf16)
+  float32 compute and 16 rows per step, under a run name of its own, so that its checkpoints never
+  mix with a bf16 run's. A capability that is not a number (ROCm's 'gfx90a') keeps bf16.
+  """
+  preset = {"tpu": "", "gpu": "gpu"}.get(backend, "smoke")
+  config = get_config(preset)
+  name = f"colab_{preset or 'tpu'}"
+  try:
+    no_bf16 = backend == "gpu" and float(compute_capability) < 8.0
+  except (TypeError, ValueError):
+    no_bf16 = False
+  if no_bf16:
+    for model in (config.teacher, config.student, config.frozen_teacher):
+      model.dtype = "float32"
+    config.data.update(dict(batch_size=16, eval_batch_size=16))
+    name += "_float32"
+  return name, config
 
 
 def _colab_settings(config, chunk_tokens: int):

@@ -197,3 +197,19 @@ if __name__ == "__main__":
       print(f"{name + ':' + preset:<36} {phase:<10} {parts['state'] / 2**30:>6.2f} "
             f"{parts['teacher'] / 2**30:>7.2f} {sum(parts.values()) / 2**30:>6.2f} "
             f"{config.target.memory_gib:>4.0f}", flush=True)
+
+
+@pytest.mark.parametrize("backend, capability, run, dtype, rows", [
+    ("tpu", None, "colab_tpu", "bfloat16", 64),
+    ("gpu", "8.9", "colab_gpu", "bfloat16", 32),  # an L4
+    ("gpu", "7.5", "colab_gpu_float32", "float32", 16),  # a T4: no bf16
+    ("gpu", "gfx90a", "colab_gpu", "bfloat16", 32),  # ROCm names its GPUs, not a number
+    ("cpu", None, "colab_smoke", "bfloat16", 8),
+])
+def test_colab_config_follows_the_runtime(backend, capability, run, dtype, rows):
+  colab = importlib.import_module("configs.colab")
+  name, config = colab.for_runtime(backend, capability)
+  assert name == run and config.data.batch_size == rows
+  assert {config.teacher.dtype, config.student.dtype, config.frozen_teacher.dtype} == {dtype}
+  assert config.distill.loss_chunk_size > 0 and config.mesh.data == -1  # every device, chunked
+  assert (config.target.topology == "v5e-1") == (backend == "tpu")
