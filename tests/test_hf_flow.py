@@ -43,6 +43,7 @@ def test_prune_distill_export(tmp_path):
   tok_dir, t_dir = tmp_path / "tok", tmp_path / "teacher"
   tok_dir.mkdir()
   _qwen(str(tok_dir))
+  torch.manual_seed(0)  # the teacher's random weights: the same run every time
   model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
       vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -57,9 +58,10 @@ def test_prune_distill_export(tmp_path):
   text.write_text(fake_corpus.work_text("tempest", chars=20_000))
   prune_script, s_dir = _script("prune"), str(tmp_path / "student")
   t_cfg, t_params = prune_script.load_model(str(t_dir))
-  rows = prune_script.text_calibration(str(text), str(t_dir), 8, 32)
+  calibration_RxL = prune_script.text_calibration(str(text), str(t_dir), 8, 32)
   s_cfg, s_params = prune_script.prune_teacher(t_cfg, t_params, keep_layers=[0, 2], num_heads=2,
-                                               mlp_dim=64, calibration_RxL=rows, batch_size=4)
+                                               mlp_dim=64, calibration_RxL=calibration_RxL,
+                                               batch_size=4)
   prune_script.save_model(s_dir, s_cfg, s_params, str(t_dir))
   assert (s_cfg.num_layers, s_cfg.num_heads, s_cfg.mlp_dim) == (2, 2, 64)
 
@@ -83,7 +85,7 @@ def test_prune_distill_export(tmp_path):
   with open(os.path.join(workdir, "distilled", "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   losses = [r["loss"] for r in rows if "loss" in r]
-  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  assert np.all(np.isfinite(losses)), losses
   assert _tree_hash(str(t_dir)) == teacher_files  # the teacher is only read
 
   # Export the distilled student: transformers loads it with kdjax's logits and tokenizer.
@@ -109,9 +111,16 @@ def test_prune_distill_export(tmp_path):
   forward = jax.jit(Transformer(s_cfg_run).apply)  # compiled once for both param sets
   ours = np.asarray(forward({"params": params}, jnp.asarray([ids])))
   assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max()
-  # And it differs from the pruned init: training changed it.
+  # And it differs from the pruned init: training changed it, towards the teacher. The logged
+  # losses are of different batches; KL(teacher || student) on the fixed calibration rows
+  # compares the same tokens before and after.
   init = np.asarray(forward({"params": s_params}, jnp.asarray([ids])))
   assert np.abs(ours - init).max() > 1e-3
+  tokens_RxL = jnp.asarray(calibration_RxL)
+  t_logits_RxLxV = Transformer(t_cfg).apply({"params": t_params}, tokens_RxL)
+  kl_init = _kl(t_logits_RxLxV, forward({"params": s_params}, tokens_RxL))
+  kl_trained = _kl(t_logits_RxLxV, forward({"params": params}, tokens_RxL))
+  assert kl_trained < kl_init, (kl_trained, kl_init)  # here 0.0035 against 0.0102
 
   # A LoRA student on the same pruned init: adapters trained, the merged export loads in
   # transformers with the kdjax LoRA model's logits, and its base files are only read.
@@ -121,8 +130,9 @@ def test_prune_distill_export(tmp_path):
   lora_dir = str(tmp_path / "lora_run")
   experiment.run(config, lora_dir)
   with open(os.path.join(lora_dir, "distilled", "metrics.jsonl")) as f:
-    lora_losses = [json.loads(line)["loss"] for line in f if "loss" in json.loads(line)]
-  assert np.all(np.isfinite(lora_losses)) and lora_losses[-1] < lora_losses[0], lora_losses
+    lora_rows = [json.loads(line) for line in f]
+  lora_losses = [r["loss"] for r in lora_rows if "loss" in r]
+  assert np.all(np.isfinite(lora_losses)), lora_losses
   assert _tree_hash(str(s_dir)) == init_files
   lora_ckpts = os.path.join(lora_dir, "distilled", "checkpoints")
   merged_out = str(tmp_path / "lora_export")
@@ -137,6 +147,9 @@ def test_prune_distill_export(tmp_path):
         torch.tensor([ids])).logits.numpy()
   assert np.abs(lora_logits - merged).max() < 1e-4 * np.abs(merged).max()
   assert np.abs(lora_logits - init).max() > 1e-3  # the adapters learned something
+  lora_RxLxV = qwix_model.build(lora_cfg).apply({"params": lora_params}, tokens_RxL)
+  kl_lora = _kl(t_logits_RxLxV, lora_RxLxV)
+  assert kl_lora < kl_init, (kl_lora, kl_init)  # towards the teacher: here 0.0057
 
 
 def _tiny_qwen(directory, tokenizer_builder):
@@ -170,6 +183,16 @@ def test_a_student_with_another_tokenizer_or_unreadable_weights_is_refused_early
   config = hf_distill.get_config(f"teacher={teacher},student={same}")
   with pytest.raises(config_check.ConfigError, match=r"config\.student_init: .*never loads"):
     preflight.check_teacher_checkpoint(config, str(tmp_path), phases)
+
+
+def _kl(t_logits, s_logits) -> float:
+  """Mean KL(teacher || student) per token, in float64."""
+  def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
+  t_logp, s_logp = log_softmax(t_logits), log_softmax(s_logits)
+  return float(np.mean(np.sum(np.exp(t_logp) * (t_logp - s_logp), axis=-1)))
 
 
 def _mesh_and_rules():
